@@ -1,0 +1,130 @@
+"""Batch norm as the per-channel affine map it is at inference: y = s*x + t on axis 1.
+
+    s = gamma / sqrt(var + eps),   t = beta - mean * s        (float64)
+
+`bn_affine` reads a BatchNormalization node and either returns its `Affine` or says why it is not a
+fixed affine map (training mode, non-constant parameters, var + eps <= 0, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import helper
+
+from bnfold.graph import GraphView, attr, display_name
+
+_FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.BFLOAT16: ml_dtypes.bfloat16,
+}
+
+
+@dataclass
+class Affine:
+    """A per-channel map y = scale * x + shift on axis 1, and the nodes that compute it."""
+
+    name: str
+    x: str
+    y: str
+    scale: np.ndarray  # float64, shape [C] (or [1]: the same for every channel)
+    shift: np.ndarray
+    nodes: list[onnx.NodeProto]
+    params: list[str] = field(default_factory=list)
+    op: str = "BatchNormalization"
+    axis: int = 1  # the axis the map acts on: 1 for BN; chains may act on the last axis (-1)
+
+    def per_channel(self, channels: int) -> tuple[np.ndarray, np.ndarray] | str:
+        if self.scale.size not in (1, channels) or self.shift.size not in (1, channels):
+            return f"{self.name} has {self.scale.size} channels, the layer has {channels}"
+        return (np.broadcast_to(self.scale, (channels,)).astype(np.float64),
+                np.broadcast_to(self.shift, (channels,)).astype(np.float64))
+
+
+def training_reason(node: onnx.NodeProto, opset: int) -> str | None:
+    """Why `node` does not run in inference mode, or None when it does."""
+    extra_outputs = [o for o in node.output[1:] if o]
+    if opset < 9 and attr(node, "spatial", 1) == 0:
+        return "per-activation BN (spatial=0): its statistics are not per channel"
+    if opset >= 14:
+        if attr(node, "training_mode", 0):
+            return "BN in training mode (training_mode=1)"
+        if extra_outputs:
+            return "BN in training mode (running statistics outputs are declared)"
+        return None
+    if extra_outputs:  # before opset 14, declaring the statistics outputs means training
+        return "BN in training mode (mean/var outputs are declared)"
+    return None
+
+
+def set_inference_mode(node: onnx.NodeProto) -> None:
+    """Turn a training-mode BN into the inference-mode BN that uses its running statistics."""
+    for i, a in enumerate(node.attribute):
+        if a.name == "training_mode":
+            del node.attribute[i]
+            break
+    del node.output[1:]
+
+
+def bn_affine(view: GraphView, node: onnx.NodeProto) -> Affine | str:
+    reason = training_reason(node, view.opset)
+    if reason:
+        return reason
+    if len(node.input) < 5:
+        return "BN has fewer than 5 inputs"
+    values = []
+    for role, name in zip(("scale", "bias", "mean", "var"), node.input[1:5]):
+        value = view.constant(name)
+        if isinstance(value, str):
+            return f"BN parameter '{role}' is not constant: {value}"
+        values.append(np.asarray(value, dtype=np.float64).reshape(-1))
+    gamma, beta, mean, var = values
+    if len({v.size for v in values}) != 1:
+        return "BN parameters have different lengths"
+    eps = float(attr(node, "epsilon", 1e-5))
+    denom = var + eps
+    if np.any(~(denom > 0)):
+        channel = int(np.flatnonzero(~(denom > 0))[0])
+        return f"var + eps <= 0 on channel {channel}"
+    scale = gamma / np.sqrt(denom)
+    shift = beta - mean * scale
+    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
+        return "folded scale or shift is not finite"
+    return Affine(display_name(node), node.input[0], node.output[0], scale, shift, [node],
+                  params=list(node.input[1:5]))
+
+
+def cast_to(values: np.ndarray, data_type: int) -> np.ndarray | str:
+    """`values` (float64) in the ONNX element type `data_type`, or why that is not exact enough."""
+    np_type = _FLOAT_TYPES.get(data_type)
+    if np_type is None:
+        return f"weight type {helper.tensor_dtype_to_string(data_type)} is not a float type"
+    if not np.all(np.isfinite(values)):
+        return "folded weights are not finite"
+    limit = float(ml_dtypes.finfo(np_type).max)
+    if values.size and float(np.max(np.abs(values))) > limit:
+        return (f"folded weights overflow {helper.tensor_dtype_to_string(data_type)[len('TensorProto.'):].lower()} "
+                f"(max {float(np.max(np.abs(values))):.4g} > {limit:g})")
+    if np_type is ml_dtypes.bfloat16:
+        return _round_to_bfloat16(values)
+    return values.astype(np_type)
+
+
+def _round_to_bfloat16(values: np.ndarray) -> np.ndarray:
+    """Correctly rounded float64 -> bfloat16 (ml_dtypes rounds twice, via float32)."""
+    first = np.asarray(values.astype(ml_dtypes.bfloat16))
+    bits = first.view(np.uint16)
+    candidates = np.stack([first, (bits + np.uint16(1)).view(ml_dtypes.bfloat16),
+                           (bits - np.uint16(1)).view(ml_dtypes.bfloat16)])
+    with np.errstate(invalid="ignore"):
+        distance = np.abs(candidates.astype(np.float64) - values)
+    distance = np.where(np.isnan(distance), np.inf, distance)
+    odd = (candidates.view(np.uint16) & 1).astype(np.float64)
+    # nearest first, then even mantissa on a tie
+    order = np.lexsort((odd.reshape(3, -1), distance.reshape(3, -1)), axis=0)[0]
+    return np.take_along_axis(candidates.reshape(3, -1), order[None], axis=0).reshape(values.shape)

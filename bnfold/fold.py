@@ -1,0 +1,181 @@
+"""The fold pass: remove every batch norm that can be folded exactly into a neighbouring layer.
+
+load -> for each graph (subgraphs too): find BN -> check -> plan -> rewrite, to a fixpoint ->
+collect dead constants -> report. Rules live in `bnfold.rules`; this module only drives them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx
+
+from bnfold.affine import bn_affine, set_inference_mode, training_reason
+from bnfold.errors import BadInput
+from bnfold.graph import GraphView, NameAllocator, Scope, default_opset, display_name, infer_shapes, subgraphs
+from bnfold.report import Decision, FoldReport, ModelStats
+from bnfold.rules import RULES
+from bnfold.rules.plan import Plan, Rewriter
+
+MIN_OPSET = 7
+
+
+def fold(model: onnx.ModelProto, *, base_dir: str | None = None,
+         allow_initializer_inputs: bool = False, training_to_inference: bool = False,
+         lower_standalone: bool = False, inplace: bool = False) -> tuple[onnx.ModelProto, FoldReport]:
+    """Fold every batch norm of `model` that can be folded exactly; keep the others, with reasons.
+
+    Returns the folded model and a `FoldReport`. `model` is left untouched unless `inplace`.
+    `base_dir` is the directory external data is read from, for models loaded without it.
+    """
+    opset = default_opset(model)
+    if opset < MIN_OPSET:
+        raise BadInput(f"unsupported opset {opset} (bnfold supports {MIN_OPSET} and newer)")
+    if not inplace:
+        model = _copy(model)
+    report = FoldReport(before=model_stats(model))
+    if training_to_inference:
+        _to_inference_mode(model)
+    run = _FoldRun(model, base_dir, allow_initializer_inputs, report)
+    run.fold_graph(model.graph, None, "main")
+    run.collect_garbage()
+    report.after = model_stats(model)
+    return model, report
+
+
+def to_inference_mode(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose training-mode BNs use their running statistics instead."""
+    model = _copy(model)
+    _to_inference_mode(model)
+    return model
+
+
+def model_stats(model: onnx.ModelProto) -> ModelStats:
+    """Node and parameter counts, subgraphs included; reads no tensor data."""
+    nodes = parameters = 0
+    for graph in _graphs(model.graph):
+        nodes += len(graph.node)
+        parameters += sum(math.prod(t.dims) for t in graph.initializer)
+        for node in graph.node:
+            if node.op_type == "Constant":
+                parameters += sum(math.prod(a.t.dims) for a in node.attribute if a.name == "value")
+    return ModelStats(nodes=nodes, parameters=parameters)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for _, sub in subgraphs(node):
+            yield from _graphs(sub)
+
+
+def _is_bn(node: onnx.NodeProto) -> bool:
+    return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
+
+
+def _used_names(model: onnx.ModelProto) -> set[str]:
+    used: set[str] = set()
+    for graph in _graphs(model.graph):
+        used.update(o.name for o in graph.output)
+        for node in graph.node:
+            used.update(node.input)
+    return used
+
+
+def _to_inference_mode(model: onnx.ModelProto) -> None:
+    """Set training-mode BNs to inference mode where nothing reads their running statistics."""
+    used, opset = _used_names(model), default_opset(model)
+    for graph in _graphs(model.graph):
+        for node in graph.node:
+            if (_is_bn(node) and training_reason(node, opset) and not (opset < 9 and node.attribute
+                    and any(a.name == "spatial" and a.i == 0 for a in node.attribute))
+                    and not used.intersection(o for o in node.output[1:] if o)):
+                set_inference_mode(node)
+
+
+class _FoldRun:
+    def __init__(self, model, base_dir, allow_initializer_inputs, report: FoldReport):
+        self.model, self.base_dir, self.report = model, base_dir, report
+        self.allow_initializer_inputs = allow_initializer_inputs
+        self.shapes = infer_shapes(model)
+        self.names = NameAllocator(model)
+        self.touched: set[str] = set()
+        self.dropped: set[str] = set()
+
+    def view(self, graph: onnx.GraphProto, outer: Scope | None, path: str) -> GraphView:
+        return GraphView(self.model, graph, outer=outer, path=path, base_dir=self.base_dir,
+                         allow_initializer_inputs=self.allow_initializer_inputs,
+                         shapes=self.shapes, names=self.names)
+
+    def fold_graph(self, graph: onnx.GraphProto, outer: Scope | None, path: str) -> None:
+        reasons: dict[int, str] = {}
+        progress = True
+        while progress:  # to a fixpoint: a fold can make another BN foldable
+            progress = False
+            view = self.view(graph, outer, path)
+            for node in [n for n in graph.node if _is_bn(n)]:
+                result = self._plan(view, node)
+                if isinstance(result, str):
+                    reasons[id(node)] = result
+                    continue
+                Rewriter(view, self.names, self.touched, self.dropped).apply(result)
+                self.report.decisions.append(Decision(
+                    node=display_name(node), action="folded", direction=result.direction,
+                    into=display_name(result.into), graph=path))
+                progress = True
+                break
+        for node in graph.node:
+            if _is_bn(node):
+                self.report.decisions.append(Decision(
+                    node=display_name(node), action="kept", reason=reasons[id(node)], graph=path))
+        scope = self.view(graph, outer, path).scope
+        for node in graph.node:
+            for attr_name, sub in subgraphs(node):
+                self.fold_graph(sub, scope, f"{path}/{display_name(node)}:{attr_name}")
+
+    @staticmethod
+    def _plan(view: GraphView, node: onnx.NodeProto) -> Plan | str:
+        aff = bn_affine(view, node)
+        if isinstance(aff, str):
+            return aff
+        reasons = []
+        for direction, rule in RULES:
+            result = rule(view, aff)
+            if isinstance(result, Plan):
+                return result
+            reasons.append(f"{direction}: {result}")
+        return "; ".join(reasons)
+
+    def collect_garbage(self) -> None:
+        """Remove the constants and value_info entries the rewrites left without a reader."""
+        used = _used_names(self.model)
+        produced: set[str] = set()
+        for graph in _graphs(self.model.graph):
+            produced.update(i.name for i in graph.input)
+            produced.update(t.name for t in graph.initializer)
+            for node in graph.node:
+                produced.update(node.output)
+        dead = self.touched - used
+        for graph in _graphs(self.model.graph):
+            is_legacy_main = graph is self.model.graph and self.model.ir_version < 4
+            interface = set() if is_legacy_main else {i.name for i in graph.input}
+            doomed = dead - interface
+            _remove_where(graph.initializer, lambda t: t.name in doomed)
+            if is_legacy_main:
+                _remove_where(graph.input, lambda i: i.name in doomed)
+            _remove_where(graph.node, lambda n: n.op_type == "Constant" and n.output[0] in doomed)
+            _remove_where(graph.value_info,
+                          lambda v: v.name in doomed or (v.name in self.dropped and v.name not in produced))
+
+
+def _remove_where(container, predicate) -> None:
+    keep = [item for item in container if not predicate(item)]
+    if len(keep) != len(container):
+        del container[:]
+        container.extend(keep)

@@ -1,0 +1,269 @@
+"""A read-mostly view of one ONNX graph: producers, consumers, constants, shapes, fresh names.
+
+The passes rewrite the protobuf directly; a `GraphView` is rebuilt after each rewrite (it is cheap:
+it indexes names, it never copies tensor data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+# Largest initializer (in elements) copied into the model used for shape inference.
+_SHAPE_DATA_LIMIT = 4096
+
+
+def display_name(node: onnx.NodeProto) -> str:
+    """The name users know a node by: its name, else its first output."""
+    return node.name or (node.output[0] if node.output else node.op_type)
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            node.attribute[i].CopyFrom(onnx.helper.make_attribute(name, value))
+            return
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.name, a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for i, g in enumerate(a.graphs):
+                yield f"{a.name}[{i}]", g
+
+
+def free_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a (sub)graph reads from its enclosing scopes."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(n for n in node.input if n)
+        for _, g in subgraphs(node):
+            used |= free_names(g)
+        defined.update(node.output)
+    used.update(o.name for o in graph.output)
+    return used - defined
+
+
+def all_names(model: onnx.ModelProto) -> set[str]:
+    """Every tensor and node name in the model, subgraphs included."""
+    names: set[str] = set()
+
+    def visit(g: onnx.GraphProto) -> None:
+        names.update(t.name for t in g.initializer)
+        names.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
+        for node in g.node:
+            names.add(node.name)
+            names.update(node.input)
+            names.update(node.output)
+            for _, sub in subgraphs(node):
+                visit(sub)
+
+    visit(model.graph)
+    names.discard("")
+    return names
+
+
+class NameAllocator:
+    """Hands out names unused anywhere in the model, derived from readable bases."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.taken = all_names(model)
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.taken:
+            name, i = f"{base}_{i}", i + 1
+        self.taken.add(name)
+        return name
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return 1
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    """Static shape of every value onnx can infer: name -> tuple of int | str | None.
+
+    Runs on a skeleton of the model (large initializers without their data), so it costs no
+    memory for the weights and works for models over 2 GB.
+    """
+    skeleton = onnx.ModelProto()
+    skeleton.ir_version = model.ir_version
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    g = skeleton.graph
+    for field_name in ("node", "input", "output", "value_info"):
+        getattr(g, field_name).extend(getattr(model.graph, field_name))
+    g.name = model.graph.name
+    for t in model.graph.initializer:
+        light = g.initializer.add()
+        light.name, light.data_type = t.name, t.data_type
+        light.dims.extend(t.dims)
+        if int(np.prod(t.dims)) <= _SHAPE_DATA_LIMIT and not _is_external(t):
+            light.CopyFrom(t)
+    listed = {i.name for i in g.input}
+    for t in model.graph.initializer:  # give every initializer a type for inference
+        if t.name not in listed:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except Exception:  # inference is a hint: without it, rank-dependent rules refuse
+        inferred = skeleton
+    shapes: dict[str, tuple] = {}
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for v in list(graph.input) + list(graph.output) + list(graph.value_info):
+            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+                dims = []
+                for d in v.type.tensor_type.shape.dim:
+                    if d.HasField("dim_value"):
+                        dims.append(d.dim_value)
+                    else:
+                        dims.append(d.dim_param or None)
+                shapes[v.name] = tuple(dims)
+        for t in graph.initializer:
+            shapes[t.name] = tuple(t.dims)
+        for node in graph.node:
+            for _, sub in subgraphs(node):
+                visit(sub)
+
+    visit(inferred.graph)
+    return shapes
+
+
+def _is_external(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value of a Constant node, or None for forms we do not read (sparse)."""
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+    return None
+
+
+@dataclass
+class Scope:
+    """What one graph defines, for lookups from it and from its subgraphs."""
+
+    graph: onnx.GraphProto
+    outer: Scope | None
+    overridable: set[str] = field(default_factory=set)  # initializers a caller may override
+    initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    constant_nodes: dict[str, onnx.NodeProto] = field(default_factory=dict)
+
+
+class GraphView:
+    """Index of one graph, with access to constants of the enclosing scopes."""
+
+    def __init__(self, model: onnx.ModelProto, graph: onnx.GraphProto, *, outer: Scope | None,
+                 path: str, base_dir: str | None, allow_initializer_inputs: bool,
+                 shapes: dict[str, tuple], names: NameAllocator):
+        self.model, self.graph, self.path, self.names = model, graph, path, names
+        self.base_dir = base_dir or ""
+        self.shapes = shapes
+        self.is_main = outer is None
+        self.opset = default_opset(model)
+        self.legacy_inputs = model.ir_version < 4 and self.is_main
+        self.scope = Scope(graph, outer)
+        self.scope.initializers = {t.name: t for t in graph.initializer}
+        input_names = {i.name for i in graph.input}
+        if not self.legacy_inputs and not allow_initializer_inputs:
+            self.scope.overridable = input_names & set(self.scope.initializers)
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                self.scope.constant_nodes[node.output[0]] = node
+            for o in node.output:
+                if o:
+                    self.producer[o] = node
+            used = [n for n in node.input if n]
+            for _, sub in subgraphs(node):
+                used += sorted(free_names(sub))
+            for name in dict.fromkeys(used):
+                self.consumers.setdefault(name, []).append(node)
+        self.outputs = {o.name for o in graph.output}
+
+    # -- structure ------------------------------------------------------------------------
+
+    def users(self, name: str) -> list[onnx.NodeProto]:
+        return self.consumers.get(name, [])
+
+    def sole_user(self, name: str) -> onnx.NodeProto | None:
+        users = self.users(name)
+        return users[0] if len(users) == 1 and name not in self.outputs else None
+
+    def why_not_private(self, name: str, owner: str) -> str | None:
+        """Reason `name` cannot be rewired: it has other consumers or is a graph output."""
+        if name in self.outputs:
+            return f"output of {owner} is a graph output"
+        if len(self.users(name)) > 1:
+            return f"output of {owner} has other consumers"
+        return None
+
+    def shape(self, name: str) -> tuple | None:
+        return self.shapes.get(name)
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
+
+    # -- constants ------------------------------------------------------------------------
+
+    def constant(self, name: str) -> np.ndarray | str:
+        """The value of a constant tensor, or the reason it is not one."""
+        scope = self.scope
+        while scope is not None:
+            if name in scope.initializers:
+                if name in scope.overridable:
+                    return (f"initializer '{name}' is also a graph input (a caller may override "
+                            f"it; allow with --allow-initializer-inputs)")
+                return numpy_helper.to_array(scope.initializers[name], self.base_dir)
+            if name in scope.constant_nodes:
+                value = constant_node_value(scope.constant_nodes[name])
+                return value if value is not None else f"'{name}' is a sparse constant"
+            scope = scope.outer
+        return f"'{name}' is not constant"
+
+    def constant_dtype(self, name: str) -> int | None:
+        scope = self.scope
+        while scope is not None:
+            if name in scope.initializers:
+                return scope.initializers[name].data_type
+            if name in scope.constant_nodes:
+                value = scope.constant_nodes[name]
+                for a in value.attribute:
+                    if a.name == "value":
+                        return a.t.data_type
+                return onnx.TensorProto.FLOAT
+            scope = scope.outer
+        return None

@@ -1,0 +1,148 @@
+"""Result objects returned by the passes, and their text and JSON renderings."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Decision:
+    """What happened to one batch-norm (a BatchNormalization node or an affine chain)."""
+
+    node: str  # the BN node's name, or its output name when the node is unnamed
+    action: str  # "folded", "kept" or "lowered"
+    direction: str | None = None  # "backward" or "forward" when folded
+    into: str | None = None  # name of the layer it was folded into
+    reason: str | None = None  # why it was kept (or lowered)
+    graph: str = "main"  # "main", or the path of a subgraph: "main/If_0:then_branch"
+    op: str = "BatchNormalization"  # or "affine" for Sub/Mul/Add/Div chains
+
+    def describe(self) -> str:
+        where = "" if self.graph == "main" else f" [{self.graph}]"
+        if self.action == "folded":
+            return f"folded   {self.node}{where} {self.direction} into {self.into}"
+        if self.action == "lowered":
+            return f"lowered  {self.node}{where} to Mul+Add ({self.reason})"
+        return f"kept     {self.node}{where}: {self.reason}"
+
+
+@dataclass
+class OutputComparison:
+    """Agreement of one graph output between a reference and a candidate model."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    max_abs: float
+    max_rel: float
+    atol: float
+    rtol: float
+    passed: bool
+    # The smallest atol (with rtol as given) and the smallest rtol (with atol as given) that pass.
+    needed_atol: float
+    needed_rtol: float
+    note: str | None = None  # e.g. "shape mismatch", "NaN in candidate only"
+
+    def describe(self) -> str:
+        verdict = "ok" if self.passed else "FAILED"
+        text = (
+            f"{self.name} ({self.dtype} {self.shape}): max abs {self.max_abs:.3g}, "
+            f"max rel {self.max_rel:.3g} (atol {self.atol:g}, rtol {self.rtol:g}) {verdict}"
+        )
+        return text + (f" - {self.note}" if self.note else "")
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of running two models on the same inputs and comparing every output."""
+
+    outputs: list[OutputComparison] = field(default_factory=list)
+    inputs: str = ""  # where the inputs came from: "random (seed 0, batch=3)" or a file name
+    runs: int = 0  # how many input sets were compared
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    @property
+    def failures(self) -> list[OutputComparison]:
+        return [o for o in self.outputs if not o.passed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "inputs": self.inputs, "runs": self.runs,
+                "outputs": [asdict(o) for o in self.outputs]}
+
+    def to_text(self) -> str:
+        head = "verification passed" if self.passed else "verification FAILED"
+        lines = [f"{head} on {self.inputs}"]
+        lines += ["  " + o.describe() for o in self.outputs]
+        return "\n".join(lines)
+
+
+@dataclass
+class ModelStats:
+    nodes: int
+    parameters: int  # number of elements in initializers and Constant nodes
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class FoldReport:
+    """Everything `fold` did, for people (``to_text``) and pipelines (``to_dict``)."""
+
+    decisions: list[Decision] = field(default_factory=list)
+    before: ModelStats | None = None
+    after: ModelStats | None = None
+    removed_casts: int = 0
+    verification: VerifyReport | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def folded(self) -> list[Decision]:
+        return [d for d in self.decisions if d.action == "folded"]
+
+    @property
+    def kept(self) -> list[Decision]:
+        return [d for d in self.decisions if d.action == "kept"]
+
+    @property
+    def lowered(self) -> list[Decision]:
+        return [d for d in self.decisions if d.action == "lowered"]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.folded or self.lowered or self.removed_casts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "folded": len(self.folded),
+            "kept": len(self.kept),
+            "lowered": len(self.lowered),
+            "removed_casts": self.removed_casts,
+            "decisions": [asdict(d) for d in self.decisions],
+            "before": self.before.to_dict() if self.before else None,
+            "after": self.after.to_dict() if self.after else None,
+            "verification": self.verification.to_dict() if self.verification else None,
+            "notes": list(self.notes),
+        }
+
+    def to_text(self) -> str:
+        lines = [d.describe() for d in self.decisions]
+        summary = f"{len(self.folded)} folded, {len(self.kept)} kept"
+        if self.lowered:
+            summary += f", {len(self.lowered)} lowered"
+        if self.removed_casts:
+            summary += f", {self.removed_casts} no-op Cast removed"
+        lines.append(summary)
+        if self.before and self.after:
+            lines.append(
+                f"nodes {self.before.nodes} -> {self.after.nodes}, "
+                f"parameters {self.before.parameters} -> {self.after.parameters}"
+            )
+        lines += self.notes
+        if self.verification is not None:
+            lines.append(self.verification.to_text())
+        return "\n".join(lines)

@@ -1,0 +1,143 @@
+"""Fold backward: a linear layer followed by the affine map y = s*x + t.
+
+    W'[output channel c] = s_c * W[output channel c]        b'_c = s_c * b_c + t_c
+
+The layer is Conv, ConvTranspose, Gemm or MatMul, optionally with a bias Add after it; the affine
+map must act on the axis that holds the layer's output channels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from bnfold.affine import Affine, cast_to
+from bnfold.graph import GraphView, attr, display_name
+from bnfold.rules.layer import LINEAR_OPS, Layer, bias_add_after, gemm_attrs, make_layer, optional_constant
+from bnfold.rules.plan import Plan
+
+
+def _scale_conv(node: onnx.NodeProto, w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    return w * s.reshape((-1,) + (1,) * (w.ndim - 1))  # [M, C/group, k...]: axis 0, any group
+
+
+def _scale_conv_transpose(node: onnx.NodeProto, w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    # [C_in, M/group, k...]: input group g's rows feed output channels g*(M/group) + j, so the
+    # scale of column j depends on the row's group.
+    group = int(attr(node, "group", 1))
+    c_in, per_group, kernel = w.shape[0], w.shape[1], w.shape[2:]
+    grouped = w.reshape((group, c_in // group, per_group) + kernel)
+    return (grouped * s.reshape((group, 1, per_group) + (1,) * len(kernel))).reshape(w.shape)
+
+
+def _scale_gemm(node: onnx.NodeProto, w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    return w * s[:, None] if gemm_attrs(node)[3] else w * s[None, :]  # columns of B'
+
+
+def _scale_matmul(node: onnx.NodeProto, w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    return w * s[None, :]
+
+
+# op -> (output channels of the weight, how to scale them, index of the op's own bias input)
+OUTPUT_CHANNELS = {
+    "Conv": (lambda node, w: w.shape[0], _scale_conv, 2),
+    "ConvTranspose": (lambda node, w: w.shape[1] * int(attr(node, "group", 1)), _scale_conv_transpose, 2),
+    "Gemm": (lambda node, w: w.shape[0] if gemm_attrs(node)[3] else w.shape[1], _scale_gemm, 2),
+    "MatMul": (lambda node, w: w.shape[1], _scale_matmul, None),
+}
+
+
+def producer_layer(view: GraphView, aff: Affine) -> Layer | str:
+    """The linear layer (with its bias Add) whose output only the affine map reads."""
+    node = view.producer.get(aff.x)
+    if node is None:
+        return "its input is not computed in this graph by a linear layer"
+    reason = view.why_not_private(aff.x, display_name(node))
+    if reason:
+        return reason
+    if node.op_type == "Add":
+        for name in node.input:
+            linear = view.producer.get(name)
+            if linear is not None and linear.op_type in LINEAR_OPS:
+                bias = bias_add_after(view, linear)
+                if bias is not None and bias[0] is node:
+                    return make_layer(view, linear, bias)
+        return "producer Add is not a linear layer's bias"
+    if node.op_type not in LINEAR_OPS:
+        return f"producer {node.op_type} is not a linear layer"
+    return make_layer(view, node)
+
+
+def output_axis_reason(view: GraphView, layer: Layer, aff: Affine) -> str | None:
+    """Why the affine's axis is not the axis holding the layer's output channels."""
+    op = layer.node.op_type
+    if op == "MatMul":
+        rank = view.rank(layer.output)
+        if rank is None:
+            return f"rank of {layer.name}'s output is unknown, so its feature axis is unknown"
+        channel_axis = rank - 1
+    else:
+        rank = 2 if op == "Gemm" else layer.weight.ndim
+        channel_axis = 1
+    if aff.axis % rank != channel_axis:
+        return (f"{op} output has rank {rank}: axis {aff.axis % rank} normalised by "
+                f"{aff.name} is not the feature axis {channel_axis}")
+    return None
+
+
+def plan_backward(view: GraphView, aff: Affine) -> Plan | str:
+    layer = producer_layer(view, aff)
+    if isinstance(layer, str):
+        return layer
+    reason = output_axis_reason(view, layer, aff)
+    if reason:
+        return reason
+    node, w = layer.node, layer.weight
+    channels_of, scale_weight, bias_index = OUTPUT_CHANNELS[node.op_type]
+    per_channel = aff.per_channel(channels_of(node, w))
+    if isinstance(per_channel, str):
+        return per_channel
+    s, t = per_channel
+    plan = Plan(into=node, direction="backward", remove=list(aff.nodes))
+
+    weight = cast_to(scale_weight(node, w.astype(np.float64), s), layer.weight_type)
+    if isinstance(weight, str):
+        return weight
+    plan.set_tensor(node, 1, weight, "weight")
+
+    # The shift goes into the bias Add when there is one, else into the op's own bias.
+    rank = view.rank(layer.output) or (2 if node.op_type in ("Gemm", "MatMul") else w.ndim)
+    channel_axis = rank - 1 if node.op_type == "MatMul" else 1
+    along = (-1,) + (1,) * (rank - 1 - channel_axis)  # a [C] vector on the channel axis
+    shift_taken = layer.bias_add is not None
+    if shift_taken:
+        bias = layer.add_bias.astype(np.float64) * s.reshape(along) + t.reshape(along)
+        bias = cast_to(bias, view.constant_dtype(layer.bias_add.input[layer.add_index]))
+        if isinstance(bias, str):
+            return bias
+        plan.set_tensor(layer.bias_add, layer.add_index, bias, "bias")
+    if bias_index is not None:
+        own = optional_constant(view, node, bias_index)
+        if isinstance(own, str):
+            return own
+        beta = gemm_attrs(node)[1] if node.op_type == "Gemm" else 1.0
+        if own is not None:
+            own = None if beta == 0.0 else beta * own.astype(np.float64)  # beta = 0: C unread
+        if own is not None or not shift_taken:
+            # Conv's bias is [M], Gemm's C broadcasts to [M, N]: channels are its last axis.
+            bias = (0.0 if own is None else own * s) + (0.0 if shift_taken else t)
+            bias = cast_to(np.asarray(bias), layer.bias_type(bias_index))
+            if isinstance(bias, str):
+                return bias
+            plan.set_tensor(node, bias_index, bias, "bias")
+            if beta != 1.0:
+                plan.attributes.append((node, "beta", 1.0))
+            shift_taken = True
+    if shift_taken or not np.any(t):
+        plan.outputs.append((layer.bias_add or node, 0, aff.y))
+    else:  # a MatMul without bias: add one
+        bias = cast_to(t, layer.weight_type)
+        if isinstance(bias, str):
+            return bias
+        plan.add_bias = (node, bias, aff.y)
+    return plan

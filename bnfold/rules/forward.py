@@ -1,0 +1,150 @@
+"""Fold forward: the affine map y = s*x + t followed by a linear layer (BN after an activation).
+
+    W (s*x + t) + b = (W diag(s)) x + (W t + b)
+
+Scale the layer's input-channel slice of the weight by s and add W t to its bias. Through a
+Flatten/Reshape that keeps channel blocks contiguous, channel c becomes features c*R ... (c+1)*R-1.
+A Conv that reads zero padding breaks the shift part (padded zeros never received t).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+
+from bnfold.affine import Affine, cast_to
+from bnfold.graph import GraphView, attr, display_name
+from bnfold.rules.layer import Layer, bias_add_after, gemm_attrs, make_layer, optional_constant
+from bnfold.rules.plan import Plan
+
+FORWARD_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def _flatten_repeat(view: GraphView, aff: Affine, node: onnx.NodeProto) -> int | str:
+    """How many features each channel becomes through a Flatten/Reshape to [N, C*R]."""
+    shape = view.shape(aff.y)
+    if shape is None or len(shape) < 2 or not all(isinstance(d, int) for d in shape[1:]):
+        return f"shape after {aff.name} is not static, so {node.op_type} cannot be followed"
+    features = math.prod(shape[1:])
+    if node.op_type == "Flatten" and int(attr(node, "axis", 1)) == 1:
+        return features // shape[1]
+    out = view.shape(node.output[0])
+    if node.op_type == "Reshape" and out is not None and len(out) == 2 and out[1] == features:
+        return features // shape[1]
+    return f"{node.op_type} {display_name(node)} does not flatten to [batch, channels*spatial]"
+
+
+def _consumer(view: GraphView, aff: Affine) -> tuple[Layer, onnx.NodeProto | None, int] | str:
+    """The linear layer reading the affine's output (maybe through a Flatten/Reshape)."""
+    reason = view.why_not_private(aff.y, aff.name)
+    if reason:
+        return reason
+    user, reshape, repeat, data = view.sole_user(aff.y), None, 1, aff.y
+    if user.op_type in ("Flatten", "Reshape"):
+        repeat = _flatten_repeat(view, aff, user)
+        if isinstance(repeat, str):
+            return repeat
+        reshape, data = user, user.output[0]
+        reason = view.why_not_private(data, display_name(user))
+        if reason:
+            return reason
+        user = view.sole_user(data)
+    if user.op_type not in FORWARD_OPS:
+        return f"consumer {user.op_type} is not a linear layer"
+    if user.input[0] != data or data in user.input[1:]:
+        return f"{aff.name} feeds {display_name(user)}'s weight, not its data input"
+    layer = make_layer(view, user, bias_add_after(view, user) if user.op_type == "MatMul" else None)
+    if isinstance(layer, str):
+        return layer
+    rank = view.rank(data)
+    if user.op_type == "Gemm" and gemm_attrs(user)[2]:
+        return f"Gemm {layer.name} has transA=1: axis 1 of its input is not the feature axis"
+    if user.op_type == "MatMul" and rank != 2:
+        return (f"MatMul {layer.name} input has rank {rank}: axis 1 is not the feature axis"
+                if rank else f"rank of {layer.name}'s input is unknown")
+    aff_rank = view.rank(aff.y)
+    if aff_rank is not None and aff.axis % aff_rank != 1:
+        return f"{aff.name} does not act on axis 1, the channel axis of {layer.name}"
+    return layer, reshape, repeat
+
+
+def _pads_reason(node: onnx.NodeProto) -> str | None:
+    auto_pad = attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if any(attr(node, "pads", [])) or auto_pad.startswith("SAME"):
+        return f"Conv {display_name(node)} reads zero padding: the shift cannot fold forward"
+    return None
+
+
+def plan_forward(view: GraphView, aff: Affine) -> Plan | str:
+    found = _consumer(view, aff)
+    if isinstance(found, str):
+        return found
+    layer, reshape, repeat = found
+    node, w = layer.node, layer.weight.astype(np.float64)
+    op = node.op_type
+    if op == "Conv":
+        group = int(attr(node, "group", 1))
+        features, outputs = w.shape[1] * group, w.shape[0]
+    elif op == "Gemm":
+        alpha, beta, _, trans_b = gemm_attrs(node)
+        features = w.shape[1] if trans_b else w.shape[0]
+    else:
+        features = w.shape[0]
+    if features % repeat:
+        return f"{layer.name} has {features} input features, not a multiple of {repeat}"
+    per_channel = aff.per_channel(features // repeat)
+    if isinstance(per_channel, str):
+        return per_channel
+    s, t = (np.repeat(v, repeat) for v in per_channel)
+    plan = Plan(into=node, direction="forward", remove=list(aff.nodes))
+
+    if op == "Conv":
+        if np.any(t) and _pads_reason(node):
+            return _pads_reason(node)
+        # input channel of weight[m, c] is g*(C/group) + c, g = the group of output m
+        per_group = features // group
+        s_in = s.reshape(group, per_group)[np.arange(outputs) // (outputs // group)]
+        t_in = t.reshape(group, per_group)[np.arange(outputs) // (outputs // group)]
+        scaled = w * s_in.reshape(s_in.shape + (1,) * (w.ndim - 2))
+        delta = (w.reshape(outputs, per_group, -1).sum(axis=-1) * t_in).sum(axis=-1)
+        bias_index = 2
+    elif op == "Gemm":
+        scaled = w * s[None, :] if trans_b else w * s[:, None]
+        delta = alpha * (t @ (w.T if trans_b else w))
+        bias_index = 2
+    else:
+        scaled, delta, bias_index = w * s[:, None], t @ w, None
+
+    weight = cast_to(scaled, layer.weight_type)
+    if isinstance(weight, str):
+        return weight
+    plan.set_tensor(node, 1, weight, "weight")
+    if bias_index is not None:
+        own = optional_constant(view, node, bias_index)
+        if isinstance(own, str):
+            return own
+        if op == "Gemm":
+            own = None if own is None or beta == 0.0 else beta * own.astype(np.float64)
+            if beta != 1.0:
+                plan.attributes.append((node, "beta", 1.0))
+        bias = cast_to(np.asarray(delta if own is None else own + delta), layer.bias_type(bias_index))
+        if isinstance(bias, str):
+            return bias
+        plan.set_tensor(node, bias_index, bias, "bias")
+    elif layer.bias_add is not None:
+        bias = cast_to(layer.add_bias.astype(np.float64) + delta,
+                       view.constant_dtype(layer.bias_add.input[layer.add_index]))
+        if isinstance(bias, str):
+            return bias
+        plan.set_tensor(layer.bias_add, layer.add_index, bias, "bias")
+    elif np.any(delta):  # a MatMul without bias: its old output name now comes from a new Add
+        bias = cast_to(delta, layer.weight_type)
+        if isinstance(bias, str):
+            return bias
+        plan.outputs.append((node, 0, view.names(f"{node.output[0]}/unbiased")))
+        plan.add_bias = (node, bias, node.output[0])
+    plan.rewire.append((reshape or node, 0, aff.x))
+    return plan

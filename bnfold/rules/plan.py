@@ -1,0 +1,94 @@
+"""A rewrite as data: rules compute a `Plan` (all checks passed, all tensors computed), and
+`apply_plan` carries it out. Nothing is mutated until every check of a rule has passed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from bnfold.graph import GraphView, NameAllocator, display_name, set_attr
+
+
+@dataclass
+class Plan:
+    into: onnx.NodeProto  # the layer the affine map goes into
+    direction: str  # "backward" or "forward"
+    remove: list[onnx.NodeProto]  # the affine nodes
+    tensors: list[tuple[onnx.NodeProto, int, np.ndarray, str]] = field(default_factory=list)
+    attributes: list[tuple[onnx.NodeProto, str, Any]] = field(default_factory=list)
+    rewire: list[tuple[onnx.NodeProto, int, str]] = field(default_factory=list)  # node.input[i]
+    outputs: list[tuple[onnx.NodeProto, int, str]] = field(default_factory=list)  # node.output[i]
+    # (after, bias, output): insert Add(after.output[0], bias) -> output right after `after`
+    add_bias: tuple[onnx.NodeProto, np.ndarray, str] | None = None
+
+    def set_tensor(self, node: onnx.NodeProto, index: int, values: np.ndarray, role: str) -> None:
+        self.tensors.append((node, index, values, role))
+
+
+class Rewriter:
+    """Applies plans to one graph, writing new constants without disturbing shared ones."""
+
+    def __init__(self, view: GraphView, names: NameAllocator, touched: set[str],
+                 dropped: set[str]):
+        # touched: constants that may have lost their last reader; dropped: values that may no
+        # longer exist. Both are cleaned up once at the end of the pass.
+        self.view, self.names, self.touched, self.dropped = view, names, touched, dropped
+        self.graph = view.graph
+
+    def apply(self, plan: Plan) -> None:
+        for node in plan.remove:
+            self.touched.update(n for n in node.input if n)
+            self.dropped.update(n for n in node.output if n)
+            self.graph.node.remove(node)
+        for node, index, values, role in plan.tensors:
+            self._set_tensor(node, index, values, role)
+        for node, name, value in plan.attributes:
+            set_attr(node, name, value)
+        for node, index, name in plan.rewire:
+            node.input[index] = name
+        for node, index, name in plan.outputs:
+            self.dropped.add(node.output[index])
+            node.output[index] = name
+        if plan.add_bias is not None:
+            after, bias, output = plan.add_bias
+            bias_name = self._new_initializer(f"{display_name(after)}/bias", bias)
+            add = helper.make_node("Add", [after.output[0], bias_name], [output],
+                                   name=self.names(f"{display_name(after)}/bias_add"))
+            position = list(self.graph.node).index(after) + 1
+            self.graph.node.insert(position, add)
+
+    def _set_tensor(self, node: onnx.NodeProto, index: int, values: np.ndarray, role: str) -> None:
+        while len(node.input) <= index:
+            node.input.append("")
+        old = node.input[index]
+        if old and self._owned(old, node) and self._same_type(old, values):
+            tensor = self.view.scope.initializers[old]
+            tensor.CopyFrom(numpy_helper.from_array(values, old))
+            return
+        if old:
+            self.touched.add(old)
+        node.input[index] = self._new_initializer(f"{display_name(node)}/{role}", values)
+
+    def _owned(self, name: str, node: onnx.NodeProto) -> bool:
+        """True when `name` is an initializer of this graph that only `node` reads."""
+        return (name in self.view.scope.initializers
+                and name not in self.view.outputs
+                and name not in {i.name for i in self.graph.input}
+                and [id(n) for n in self.view.users(name)] == [id(node)])
+
+    def _same_type(self, name: str, values: np.ndarray) -> bool:
+        tensor = self.view.scope.initializers[name]
+        return (tuple(tensor.dims) == values.shape
+                and tensor.data_type == helper.np_dtype_to_tensor_dtype(values.dtype))
+
+    def _new_initializer(self, base: str, values: np.ndarray) -> str:
+        name = self.names(base)
+        self.graph.initializer.append(numpy_helper.from_array(values, name))
+        if self.view.legacy_inputs:  # IR < 4: every initializer is also listed as an input
+            self.graph.input.append(helper.make_tensor_value_info(
+                name, helper.np_dtype_to_tensor_dtype(values.dtype), list(values.shape)))
+        return name
