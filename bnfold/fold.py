@@ -10,11 +10,15 @@ import math
 
 import onnx
 
-from bnfold.affine import bn_affine, set_inference_mode, training_reason
+import numpy as np
+from onnx import helper, numpy_helper
+
+from bnfold.affine import Affine, bn_affine, cast_to, set_inference_mode, training_reason
 from bnfold.errors import BadInput
 from bnfold.graph import GraphView, NameAllocator, Scope, default_opset, display_name, infer_shapes, subgraphs
 from bnfold.report import Decision, FoldReport, ModelStats
 from bnfold.rules import RULES
+from bnfold.rules.chains import chain_affine, chain_heads, remove_noop_casts
 from bnfold.rules.plan import Plan, Rewriter
 
 MIN_OPSET = 7
@@ -36,7 +40,8 @@ def fold(model: onnx.ModelProto, *, base_dir: str | None = None,
     report = FoldReport(before=model_stats(model))
     if training_to_inference:
         _to_inference_mode(model)
-    run = _FoldRun(model, base_dir, allow_initializer_inputs, report)
+    run = _FoldRun(model, base_dir, allow_initializer_inputs, lower_standalone, report)
+    report.removed_casts = remove_noop_casts(model, run.types)
     run.fold_graph(model.graph, None, "main")
     run.collect_garbage()
     report.after = model_stats(model)
@@ -75,6 +80,18 @@ def _graphs(graph: onnx.GraphProto):
             yield from _graphs(sub)
 
 
+def _batch_norms(view: GraphView):
+    """Every batch norm of the graph: BN nodes and affine chains, as `Affine` or (node, reason)."""
+    for node in view.graph.node:
+        if _is_bn(node):
+            aff = bn_affine(view, node)
+            yield (node, aff) if isinstance(aff, str) else aff
+    for head in chain_heads(view):
+        aff = chain_affine(view, head)
+        if aff is not None:
+            yield (head, aff) if isinstance(aff, str) else aff
+
+
 def _is_bn(node: onnx.NodeProto) -> bool:
     return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
 
@@ -100,10 +117,12 @@ def _to_inference_mode(model: onnx.ModelProto) -> None:
 
 
 class _FoldRun:
-    def __init__(self, model, base_dir, allow_initializer_inputs, report: FoldReport):
+    def __init__(self, model, base_dir, allow_initializer_inputs, lower_standalone,
+                 report: FoldReport):
         self.model, self.base_dir, self.report = model, base_dir, report
         self.allow_initializer_inputs = allow_initializer_inputs
-        self.shapes = infer_shapes(model)
+        self.lower_standalone = lower_standalone
+        self.shapes, self.types = infer_shapes(model)
         self.names = NameAllocator(model)
         self.touched: set[str] = set()
         self.dropped: set[str] = set()
@@ -111,39 +130,45 @@ class _FoldRun:
     def view(self, graph: onnx.GraphProto, outer: Scope | None, path: str) -> GraphView:
         return GraphView(self.model, graph, outer=outer, path=path, base_dir=self.base_dir,
                          allow_initializer_inputs=self.allow_initializer_inputs,
-                         shapes=self.shapes, names=self.names)
+                         shapes=self.shapes, types=self.types, names=self.names)
 
     def fold_graph(self, graph: onnx.GraphProto, outer: Scope | None, path: str) -> None:
-        reasons: dict[int, str] = {}
+        kept: dict[str, tuple[str, Affine | None, str]] = {}  # output -> (name, map, reason)
         progress = True
-        while progress:  # to a fixpoint: a fold can make another BN foldable
+        while progress:  # to a fixpoint: a fold can make another batch norm foldable
             progress = False
             view = self.view(graph, outer, path)
-            for node in [n for n in graph.node if _is_bn(n)]:
-                result = self._plan(view, node)
-                if isinstance(result, str):
-                    reasons[id(node)] = result
+            for aff in _batch_norms(view):
+                if isinstance(aff, tuple):  # (node, reason): not an affine map
+                    kept[aff[0].output[0]] = (display_name(aff[0]), None, aff[1])
                     continue
+                result = self._plan(view, aff)
+                if isinstance(result, str):
+                    kept[aff.y] = (aff.name, aff, result)
+                    continue
+                kept.pop(aff.y, None)
                 Rewriter(view, self.names, self.touched, self.dropped).apply(result)
                 self.report.decisions.append(Decision(
-                    node=display_name(node), action="folded", direction=result.direction,
-                    into=display_name(result.into), graph=path))
+                    node=aff.name, action="folded", direction=result.direction,
+                    into=display_name(result.into), graph=path, op=aff.op))
                 progress = True
                 break
-        for node in graph.node:
-            if _is_bn(node):
-                self.report.decisions.append(Decision(
-                    node=display_name(node), action="kept", reason=reasons[id(node)], graph=path))
+        view = self.view(graph, outer, path)
+        for name, aff, reason in kept.values():
+            if aff is not None and aff.op == "affine" and len(aff.nodes) < 2:
+                continue  # a lone Add or Mul by a constant is not worth a line
+            action = "kept"
+            if self.lower_standalone and aff is not None and aff.op == "BatchNormalization":
+                action = "lowered" if self._lower(view, aff) else "kept"
+            self.report.decisions.append(Decision(node=name, action=action, reason=reason,
+                                                  graph=path, op=aff.op if aff else "BatchNormalization"))
         scope = self.view(graph, outer, path).scope
         for node in graph.node:
             for attr_name, sub in subgraphs(node):
                 self.fold_graph(sub, scope, f"{path}/{display_name(node)}:{attr_name}")
 
     @staticmethod
-    def _plan(view: GraphView, node: onnx.NodeProto) -> Plan | str:
-        aff = bn_affine(view, node)
-        if isinstance(aff, str):
-            return aff
+    def _plan(view: GraphView, aff: Affine) -> Plan | str:
         reasons = []
         for direction, rule in RULES:
             result = rule(view, aff)
@@ -151,6 +176,31 @@ class _FoldRun:
                 return result
             reasons.append(f"{direction}: {result}")
         return "; ".join(reasons)
+
+    def _lower(self, view: GraphView, aff: Affine) -> bool:
+        """Replace a BN that folds nowhere by Mul and Add with per-channel constants."""
+        rank, data_type = view.rank(aff.x), view.elem_type(aff.x)
+        if rank is None or rank < 2 or data_type is None:
+            return False
+        along = (-1,) + (1,) * (rank - 2)
+        scale, shift = cast_to(aff.scale.reshape(along), data_type), cast_to(aff.shift.reshape(along), data_type)
+        if isinstance(scale, str) or isinstance(shift, str):
+            return False
+        graph, (bn,) = view.graph, aff.nodes
+        position = list(graph.node).index(bn)
+        names = [self.names(f"{aff.name}/{role}") for role in ("scale", "shift", "scaled")]
+        graph.initializer.extend([numpy_helper.from_array(scale, names[0]),
+                                  numpy_helper.from_array(shift, names[1])])
+        if view.legacy_inputs:
+            for name, value in zip(names, (scale, shift)):
+                graph.input.append(helper.make_tensor_value_info(name, data_type, list(value.shape)))
+        graph.node.remove(bn)
+        graph.node.insert(position, helper.make_node("Add", [names[2], names[1]], [aff.y],
+                                                     name=self.names(f"{aff.name}/Add")))
+        graph.node.insert(position, helper.make_node("Mul", [aff.x, names[0]], [names[2]],
+                                                     name=self.names(f"{aff.name}/Mul")))
+        self.touched.update(aff.params)
+        return True
 
     def collect_garbage(self) -> None:
         """Remove the constants and value_info entries the rewrites left without a reader."""

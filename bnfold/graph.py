@@ -100,8 +100,10 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 1
 
 
-def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
-    """Static shape of every value onnx can infer: name -> tuple of int | str | None.
+def infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, int]]:
+    """Shape and element type of every value onnx can infer.
+
+    Shapes map names to tuples of int | str | None; types map names to TensorProto element types.
 
     Runs on a skeleton of the model (large initializers without their data), so it costs no
     memory for the weights and works for models over 2 GB.
@@ -129,9 +131,12 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     except Exception:  # inference is a hint: without it, rank-dependent rules refuse
         inferred = skeleton
     shapes: dict[str, tuple] = {}
+    types: dict[str, int] = {}
 
     def visit(graph: onnx.GraphProto) -> None:
         for v in list(graph.input) + list(graph.output) + list(graph.value_info):
+            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
+                types[v.name] = v.type.tensor_type.elem_type
             if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
                 dims = []
                 for d in v.type.tensor_type.shape.dim:
@@ -141,13 +146,18 @@ def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
                         dims.append(d.dim_param or None)
                 shapes[v.name] = tuple(dims)
         for t in graph.initializer:
-            shapes[t.name] = tuple(t.dims)
+            shapes[t.name], types[t.name] = tuple(t.dims), t.data_type
         for node in graph.node:
+            if node.op_type == "Constant":
+                for a in node.attribute:
+                    if a.name == "value":
+                        shapes[node.output[0]] = tuple(a.t.dims)
+                        types[node.output[0]] = a.t.data_type
             for _, sub in subgraphs(node):
                 visit(sub)
 
     visit(inferred.graph)
-    return shapes
+    return shapes, types
 
 
 def _is_external(t: onnx.TensorProto) -> bool:
@@ -186,10 +196,10 @@ class GraphView:
 
     def __init__(self, model: onnx.ModelProto, graph: onnx.GraphProto, *, outer: Scope | None,
                  path: str, base_dir: str | None, allow_initializer_inputs: bool,
-                 shapes: dict[str, tuple], names: NameAllocator):
+                 shapes: dict[str, tuple], types: dict[str, int], names: NameAllocator):
         self.model, self.graph, self.path, self.names = model, graph, path, names
         self.base_dir = base_dir or ""
-        self.shapes = shapes
+        self.shapes, self.types = shapes, types
         self.is_main = outer is None
         self.opset = default_opset(model)
         self.legacy_inputs = model.ir_version < 4 and self.is_main
@@ -232,6 +242,9 @@ class GraphView:
 
     def shape(self, name: str) -> tuple | None:
         return self.shapes.get(name)
+
+    def elem_type(self, name: str) -> int | None:
+        return self.types.get(name)
 
     def rank(self, name: str) -> int | None:
         shape = self.shape(name)

@@ -48,39 +48,56 @@ OUTPUT_CHANNELS = {
 
 
 def producer_layer(view: GraphView, aff: Affine) -> Layer | str:
-    """The linear layer (with its bias Add) whose output only the affine map reads."""
+    """The linear layer (with its bias Add, maybe a layout Transpose) only the affine map reads."""
     node = view.producer.get(aff.x)
     if node is None:
         return "its input is not computed in this graph by a linear layer"
     reason = view.why_not_private(aff.x, display_name(node))
     if reason:
         return reason
+    transpose = None
+    if node.op_type == "Transpose" and view.producer.get(node.input[0]) is not None:
+        transpose, node = node, view.producer[node.input[0]]
+        reason = view.why_not_private(transpose.input[0], display_name(node))
+        if reason:
+            return reason
+    layer: Layer | str
     if node.op_type == "Add":
+        layer = "producer Add is not a linear layer's bias"
         for name in node.input:
             linear = view.producer.get(name)
             if linear is not None and linear.op_type in LINEAR_OPS:
                 bias = bias_add_after(view, linear)
                 if bias is not None and bias[0] is node:
-                    return make_layer(view, linear, bias)
-        return "producer Add is not a linear layer's bias"
-    if node.op_type not in LINEAR_OPS:
-        return f"producer {node.op_type} is not a linear layer"
-    return make_layer(view, node)
+                    layer = make_layer(view, linear, bias)
+    elif node.op_type in LINEAR_OPS:
+        layer = make_layer(view, node)
+    else:
+        layer = f"producer {node.op_type} is not a linear layer"
+    if isinstance(layer, Layer):
+        layer.transpose = transpose
+    return layer
 
 
 def output_axis_reason(view: GraphView, layer: Layer, aff: Affine) -> str | None:
     """Why the affine's axis is not the axis holding the layer's output channels."""
     op = layer.node.op_type
+    rank = view.rank(layer.output)
     if op == "MatMul":
-        rank = view.rank(layer.output)
         if rank is None:
             return f"rank of {layer.name}'s output is unknown, so its feature axis is unknown"
         channel_axis = rank - 1
     else:
         rank = 2 if op == "Gemm" else layer.weight.ndim
         channel_axis = 1
-    if aff.axis % rank != channel_axis:
-        return (f"{op} output has rank {rank}: axis {aff.axis % rank} normalised by "
+    if aff.axis is None:
+        return None
+    axis = aff.axis % rank
+    if layer.transpose is not None:
+        perm = list(attr(layer.transpose, "perm", reversed(range(rank))))
+        axis = perm[axis]
+    if axis != channel_axis:
+        return (f"{op} output has rank {rank}: axis {axis} normalised by "
                 f"{aff.name} is not the feature axis {channel_axis}")
     return None
 
@@ -134,7 +151,9 @@ def plan_backward(view: GraphView, aff: Affine) -> Plan | str:
                 plan.attributes.append((node, "beta", 1.0))
             shift_taken = True
     if shift_taken or not np.any(t):
-        plan.outputs.append((layer.bias_add or node, 0, aff.y))
+        plan.outputs.append((layer.last, 0, aff.y))
+    elif layer.transpose is not None:
+        return f"{layer.name} has no bias to take the shift before its Transpose"
     else:  # a MatMul without bias: add one
         bias = cast_to(t, layer.weight_type)
         if isinstance(bias, str):

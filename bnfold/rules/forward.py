@@ -58,15 +58,18 @@ def _consumer(view: GraphView, aff: Affine) -> tuple[Layer, onnx.NodeProto | Non
     layer = make_layer(view, user, bias_add_after(view, user) if user.op_type == "MatMul" else None)
     if isinstance(layer, str):
         return layer
-    rank = view.rank(data)
+    rank = view.rank(data) or {"Gemm": 2, "Conv": layer.weight.ndim}.get(user.op_type)
     if user.op_type == "Gemm" and gemm_attrs(user)[2]:
         return f"Gemm {layer.name} has transA=1: axis 1 of its input is not the feature axis"
-    if user.op_type == "MatMul" and rank != 2:
-        return (f"MatMul {layer.name} input has rank {rank}: axis 1 is not the feature axis"
-                if rank else f"rank of {layer.name}'s input is unknown")
-    aff_rank = view.rank(aff.y)
-    if aff_rank is not None and aff.axis % aff_rank != 1:
-        return f"{aff.name} does not act on axis 1, the channel axis of {layer.name}"
+    if rank is None:
+        return f"rank of {layer.name}'s input is unknown, so its feature axis is unknown"
+    # MatMul's features are its input's last axis; Gemm's (rank 2) and Conv's are axis 1.
+    feature_axis = rank - 1 if user.op_type == "MatMul" else 1
+    if aff.axis is not None and reshape is not None and aff.axis % view.rank(aff.y) != 1:
+        return f"{aff.name} does not act on the channel axis 1 that {user.op_type} flattens"
+    if aff.axis is not None and reshape is None and aff.axis % rank != feature_axis:
+        return (f"{user.op_type} {layer.name} input has rank {rank}: axis {aff.axis % rank} "
+                f"normalised by {aff.name} is not the feature axis {feature_axis}")
     return layer, reshape, repeat
 
 

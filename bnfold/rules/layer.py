@@ -21,6 +21,7 @@ class Layer:
     bias_add: onnx.NodeProto | None = None  # Add(layer output, constant bias) right after it
     add_index: int = 1  # which input of bias_add is the constant
     add_bias: np.ndarray | None = None
+    transpose: onnx.NodeProto | None = None  # a layout Transpose after it (Keras: NCHW -> NHWC)
 
     @property
     def name(self) -> str:
@@ -28,8 +29,13 @@ class Layer:
 
     @property
     def output(self) -> str:
-        """The tensor the whole layer (bias Add included) produces."""
+        """The tensor the layer (bias Add included, layout Transpose not) produces."""
         return (self.bias_add or self.node).output[0]
+
+    @property
+    def last(self) -> onnx.NodeProto:
+        """The node whose output the folded affine map's output name moves to."""
+        return self.transpose or self.bias_add or self.node
 
     @property
     def weight_type(self) -> int:

@@ -1,0 +1,137 @@
+"""Batch norm as exporters decompose it: chains of Sub/Mul/Add/Div by constants, and Casts.
+
+    x -> Sub(m) -> Mul(a) -> Add(b)   is the affine map   y = a*x + (b - a*m)
+
+Each step composes into (s, t): `+c`: t+c; `-c`: t-c; `c-x`: (-s, c-t); `*c`: (c*s, c*t);
+`/c`: (s/c, t/c). The constants must vary along one axis at most: that axis is the channel axis
+the map can be folded on. Float-to-same-float Casts (Keras puts them everywhere) are no-ops.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from bnfold.affine import Affine
+from bnfold.graph import GraphView, attr, display_name, subgraphs
+from bnfold.rules.layer import LINEAR_OPS
+
+AFFINE_OPS = ("Add", "Sub", "Mul", "Div")
+_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+           onnx.TensorProto.BFLOAT16)
+
+
+def affine_step(view: GraphView, node: onnx.NodeProto) -> tuple[int, np.ndarray] | None:
+    """(index of the constant input, its value) when `node` is affine in its other input."""
+    if node.op_type not in AFFINE_OPS or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return None
+    values = [view.constant(name) for name in node.input]
+    constant = [i for i, v in enumerate(values) if not isinstance(v, str)]
+    if len(constant) != 1 or (node.op_type == "Div" and constant[0] == 0):
+        return None
+    index = constant[0]
+    if view.elem_type(node.input[1 - index]) not in _FLOATS:
+        return None
+    return index, np.asarray(values[index])
+
+
+def chain_heads(view: GraphView) -> list[onnx.NodeProto]:
+    """First nodes of maximal affine chains."""
+    heads = []
+    for node in view.graph.node:
+        step = affine_step(view, node)
+        if step is None:
+            continue
+        before = view.producer.get(node.input[1 - step[0]])
+        if before is not None and affine_step(view, before) is not None \
+                and view.sole_user(before.output[0]) is node:
+            continue
+        heads.append(node)
+    return heads
+
+
+def chain_affine(view: GraphView, head: onnx.NodeProto) -> Affine | str | None:
+    """The affine map of the chain starting at `head`; None for a layer's own bias Add."""
+    scale, shift = np.ones(()), np.zeros(())
+    nodes, params, node = [], [], head
+    while True:
+        index, c = affine_step(view, node)
+        if node.op_type == "Div" and np.any(c == 0):
+            return f"{display_name(node)} divides by a constant containing zero"
+        c = c.astype(np.float64)
+        if node.op_type == "Add":
+            shift = shift + c
+        elif node.op_type == "Sub":
+            scale, shift = (scale, shift - c) if index == 1 else (-scale, c - shift)
+        elif node.op_type == "Mul":
+            scale, shift = scale * c, shift * c
+        else:
+            scale, shift = scale / c, shift / c
+        nodes.append(node)
+        params.append(node.input[index])
+        after = view.sole_user(node.output[0])
+        step = affine_step(view, after) if after is not None else None
+        if step is None or after.input[1 - step[0]] != node.output[0]:
+            break
+        node = after
+    x, y = head.input[1 - affine_step(view, head)[0]], nodes[-1].output[0]
+    if all(n.op_type == "Add" for n in nodes) and _after_linear_layer(view, x):
+        return None  # the layer's bias, not a batch norm
+    rank = view.rank(x)
+    if rank is None and max(scale.ndim, shift.ndim) > 1:
+        return f"rank of {x} is unknown, so the axis of the constants is unknown"
+    if rank is not None and max(scale.ndim, shift.ndim) > rank:
+        return f"constants of {display_name(head)} have more dimensions than its input"
+    shape = np.broadcast_shapes(scale.shape, shift.shape)
+    varying = [k for k, d in enumerate(shape) if d != 1]
+    if len(varying) > 1:
+        return f"constants of {display_name(head)} vary along more than one axis"
+    axis = None if not varying else varying[0] - len(shape)
+    scale = np.broadcast_to(scale, shape).reshape(-1)
+    shift = np.broadcast_to(shift, shape).reshape(-1)
+    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
+        return "folded scale or shift is not finite"
+    return Affine(display_name(head), x, y, scale, shift, nodes, params=params, op="affine",
+                  axis=axis)
+
+
+def _after_linear_layer(view: GraphView, name: str) -> bool:
+    node = view.producer.get(name)
+    if node is not None and node.op_type == "Transpose":
+        node = view.producer.get(node.input[0])
+    return node is not None and node.op_type in LINEAR_OPS
+
+
+def remove_noop_casts(model: onnx.ModelProto, types: dict[str, int]) -> int:
+    """Remove every Cast to its input's own type (unless it produces a graph output)."""
+    removed = 0
+
+    def visit(graph: onnx.GraphProto) -> None:
+        nonlocal removed
+        outputs = {o.name for o in graph.output}
+        for node in list(graph.node):
+            if (node.op_type == "Cast" and node.domain in ("", "ai.onnx")
+                    and types.get(node.input[0]) == attr(node, "to")
+                    and node.output[0] not in outputs):
+                graph.node.remove(node)
+                _rename_uses(graph, node.output[0], node.input[0])
+                removed += 1
+        for node in graph.node:
+            for _, sub in subgraphs(node):
+                visit(sub)
+
+    visit(model.graph)
+    return removed
+
+
+def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        for _, sub in subgraphs(node):
+            _rename_uses(sub, old, new)
+    for i, v in enumerate(graph.value_info):
+        if v.name == old:
+            del graph.value_info[i]
+            break
