@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -71,13 +72,21 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "inputs": self.inputs, "runs": self.runs,
-                "outputs": [asdict(o) for o in self.outputs]}
+                "outputs": [{k: _json_number(v) for k, v in asdict(o).items()}
+                            for o in self.outputs]}
 
     def to_text(self) -> str:
         head = "verification passed" if self.passed else "verification FAILED"
         lines = [f"{head} on {self.inputs}"]
         lines += ["  " + o.describe() for o in self.outputs]
         return "\n".join(lines)
+
+
+def _json_number(value):
+    """Strict JSON has no inf or NaN: write those as the strings "inf", "-inf", "nan"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
 
 
 @dataclass
