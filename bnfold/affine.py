@@ -108,7 +108,7 @@ def cast_to(values: np.ndarray, data_type: int) -> np.ndarray | str:
         return "folded weights are not finite"
     limit = float(ml_dtypes.finfo(np_type).max)
     if values.size and float(np.max(np.abs(values))) > limit:
-        return (f"folded weights overflow {helper.tensor_dtype_to_string(data_type)[len('TensorProto.'):].lower()} "
+        return (f"folded weights: a value overflows {helper.tensor_dtype_to_string(data_type)[len('TensorProto.'):].lower()} "
                 f"(max {float(np.max(np.abs(values))):.4g} > {limit:g})")
     if np_type is ml_dtypes.bfloat16:
         return _round_to_bfloat16(values)

@@ -85,11 +85,11 @@ def _batch_norms(view: GraphView):
     for node in view.graph.node:
         if _is_bn(node):
             aff = bn_affine(view, node)
-            yield (node, aff) if isinstance(aff, str) else aff
+            yield (node, "BatchNormalization", aff) if isinstance(aff, str) else aff
     for head in chain_heads(view):
         aff = chain_affine(view, head)
         if aff is not None:
-            yield (head, aff) if isinstance(aff, str) else aff
+            yield (head, "affine", aff) if isinstance(aff, str) else aff
 
 
 def _is_bn(node: onnx.NodeProto) -> bool:
@@ -133,18 +133,19 @@ class _FoldRun:
                          shapes=self.shapes, types=self.types, names=self.names)
 
     def fold_graph(self, graph: onnx.GraphProto, outer: Scope | None, path: str) -> None:
-        kept: dict[str, tuple[str, Affine | None, str]] = {}  # output -> (name, map, reason)
+        kept: dict[str, tuple] = {}  # output -> (name, op, Affine or None, reason)
         progress = True
         while progress:  # to a fixpoint: a fold can make another batch norm foldable
             progress = False
             view = self.view(graph, outer, path)
             for aff in _batch_norms(view):
-                if isinstance(aff, tuple):  # (node, reason): not an affine map
-                    kept[aff[0].output[0]] = (display_name(aff[0]), None, aff[1])
+                if isinstance(aff, tuple):  # (node, op, reason): not a fixed affine map
+                    node, op, reason = aff
+                    kept[node.output[0]] = (display_name(node), op, None, reason)
                     continue
                 result = self._plan(view, aff)
                 if isinstance(result, str):
-                    kept[aff.y] = (aff.name, aff, result)
+                    kept[aff.y] = (aff.name, aff.op, aff, result)
                     continue
                 kept.pop(aff.y, None)
                 Rewriter(view, self.names, self.touched, self.dropped).apply(result)
@@ -154,14 +155,14 @@ class _FoldRun:
                 progress = True
                 break
         view = self.view(graph, outer, path)
-        for name, aff, reason in kept.values():
-            if aff is not None and aff.op == "affine" and len(aff.nodes) < 2:
-                continue  # a lone Add or Mul by a constant is not worth a line
+        for name, op, aff, reason in kept.values():
+            if aff is not None and op == "affine" and len(aff.nodes) < 2:
+                continue  # a lone Add or Mul by a constant that stays is not worth a line
             action = "kept"
-            if self.lower_standalone and aff is not None and aff.op == "BatchNormalization":
+            if self.lower_standalone and aff is not None and op == "BatchNormalization":
                 action = "lowered" if self._lower(view, aff) else "kept"
             self.report.decisions.append(Decision(node=name, action=action, reason=reason,
-                                                  graph=path, op=aff.op if aff else "BatchNormalization"))
+                                                  graph=path, op=op))
         scope = self.view(graph, outer, path).scope
         for node in graph.node:
             for attr_name, sub in subgraphs(node):
