@@ -1,0 +1,31 @@
+"""bnfold: exact batch-normalization folding and insertion for ONNX models.
+
+    model = bnfold.load("model.onnx")
+    folded, report = bnfold.fold(model)
+    print(report.to_text())
+"""
+
+from bnfold.errors import BadInput, BnfoldError, VerificationFailed
+from bnfold.fold import fold
+from bnfold.insert import insert
+from bnfold.inspect import inspect
+from bnfold.io import load, save
+from bnfold.report import Decision, FoldReport, OutputComparison, VerifyReport
+from bnfold.verify import verify
+
+__all__ = [
+    "BadInput",
+    "BnfoldError",
+    "Decision",
+    "FoldReport",
+    "OutputComparison",
+    "VerificationFailed",
+    "VerifyReport",
+    "fold",
+    "insert",
+    "inspect",
+    "load",
+    "save",
+    "verify",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,235 @@
+"""The `bnfold` command line: a thin layer over bnfold.io, bnfold.fold and bnfold.verify.
+
+Only this module prints. The report goes to stderr, so stdout stays clean for pipelines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+
+import click
+
+from bnfold import __version__
+from bnfold.errors import BadInput, BnfoldError, VerificationFailed
+from bnfold.fold import fold, to_inference_mode
+from bnfold.io import load, save, staged
+from bnfold.report import FoldReport, VerifyReport
+from bnfold.verify import verify
+
+
+class _Failure(click.ClickException):
+    exit_code = 2  # 1 for VerificationFailed
+
+    def show(self, file=None) -> None:
+        click.echo(f"bnfold: error: {self.message}", err=True)
+
+
+class _Group(click.Group):
+    """Turns bnfold's errors and file errors into one line on stderr and exit code 2 (or 1)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (BnfoldError, OSError) as err:
+            failure = _Failure(_one_line(err))
+            failure.exit_code = 1 if isinstance(err, VerificationFailed) else 2
+            raise failure from err
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bnfold")
+def main() -> None:
+    """Fold BatchNormalization into neighbouring layers of ONNX models, exactly.
+
+    Results are checked with onnxruntime before they are written.
+
+    Exit codes: 0 success, 1 verification failed, 2 bad input or usage.
+    """
+
+
+def _verify_options(command: Callable) -> Callable:
+    options = [
+        click.option("--inputs", metavar="FILE.npz",
+                     help="Compare on these inputs (name -> array) instead of random ones."),
+        click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE",
+                     help="Size of a symbolic input dimension (repeatable)."),
+        click.option("--atol", type=float, help="Absolute tolerance [default: by dtype]."),
+        click.option("--rtol", type=float, help="Relative tolerance [default: by dtype]."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the random inputs."),
+        click.option("--json", "json_path", metavar="PATH", help="Also write the report as JSON."),
+        click.option("-q", "--quiet", is_flag=True, help="Print errors only."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@main.command("fold")
+@click.argument("input_path", metavar="INPUT")
+@click.option("-o", "--output", metavar="OUTPUT", help="Where to write the folded model.")
+@click.option("--in-place", is_flag=True, help="Overwrite INPUT (and its .data file).")
+@click.option("--no-verify", is_flag=True, help="Skip the onnxruntime equivalence check.")
+@_verify_options
+@click.option("--force", is_flag=True, help="Write the output even if verification fails.")
+@click.option("--dry-run", is_flag=True, help="Print what would be folded; write no model.")
+@click.option("--allow-initializer-inputs", is_flag=True,
+              help="Treat initializers listed as graph inputs as constants.")
+@click.option("--training-to-inference", is_flag=True,
+              help="Switch training-mode BN to inference mode, then fold them.")
+@click.option("--lower-standalone", is_flag=True,
+              help="Replace BN that cannot be folded with Mul+Add.")
+def fold_command(input_path: str, output: str | None, in_place: bool, no_verify: bool,
+                 inputs: str | None, dims: tuple[str, ...], atol: float | None,
+                 rtol: float | None, seed: int, json_path: str | None, quiet: bool, force: bool,
+                 dry_run: bool, allow_initializer_inputs: bool, training_to_inference: bool,
+                 lower_standalone: bool) -> None:
+    """Fold the BatchNormalization nodes of INPUT into their neighbours.
+
+    OUTPUT is written only if onnxruntime finds that it computes the same outputs as INPUT
+    (or with --no-verify or --force).
+    """
+    sizes = _parse_dims(dims)
+    output = _output_path(input_path, output, in_place, dry_run)
+    for path in (json_path, None if dry_run else output):
+        if path:
+            _check_writable(path)
+    progress = _progress(quiet)
+    base_dir = os.path.dirname(os.path.abspath(input_path))
+    model = load(input_path, progress=progress)
+    progress("folding")
+    folded, report = fold(model, base_dir=base_dir, inplace=True,  # `model` is not used again
+                          allow_initializer_inputs=allow_initializer_inputs,
+                          training_to_inference=training_to_inference,
+                          lower_standalone=lower_standalone)
+    if dry_run:
+        _emit(report, json_path, quiet)
+        return
+    with staged(output) as stage:
+        progress("saving")
+        save(folded, stage.path, base_dir=base_dir)
+        if not no_verify:
+            progress("verifying")
+            reference = input_path
+            if training_to_inference:  # the reference is the original as it runs in inference
+                reference = to_inference_mode(load(input_path, check=False))
+            report.verification = verify(reference, stage.path, inputs=inputs, dims=sizes,
+                                         atol=atol, rtol=rtol, seed=seed, base_dir=base_dir)
+            if not report.verification.passed and not force:
+                stage.discard()
+    _emit(report, json_path, quiet)
+    if report.verification and not report.verification.passed:
+        done = f"written to {output} anyway (--force)" if force else "nothing written"
+        _exit_failed(report.verification, quiet, done)
+
+
+@main.command("verify")
+@click.argument("reference", metavar="A")
+@click.argument("candidate", metavar="B")
+@_verify_options
+def verify_command(reference: str, candidate: str, inputs: str | None, dims: tuple[str, ...],
+                   atol: float | None, rtol: float | None, seed: int, json_path: str | None,
+                   quiet: bool) -> None:
+    """Check that models A and B compute the same outputs.
+
+    Both run in onnxruntime, unoptimised, on the same inputs. Exit code 0 if every output
+    agrees, 1 if not.
+    """
+    sizes = _parse_dims(dims)
+    if json_path:
+        _check_writable(json_path)
+    progress = _progress(quiet)
+    for path in (reference, candidate):  # clear errors for unusable files
+        load(path, progress=progress)
+    progress("verifying")
+    result = verify(reference, candidate, inputs=inputs, dims=sizes, atol=atol, rtol=rtol,
+                    seed=seed)
+    _emit(result, json_path, quiet)
+    if not result.passed:
+        _exit_failed(result, quiet, "the models differ")
+
+
+def _parse_dims(specs: tuple[str, ...]) -> dict[str, int] | None:
+    sizes = {}
+    for spec in specs:
+        match = re.fullmatch(r"([^=]+)=([0-9]+)", spec)
+        if not match or int(match[2]) < 1:
+            raise BadInput(f"--dim {spec}: expected NAME=VALUE, VALUE a positive integer")
+        sizes[match[1]] = int(match[2])
+    return sizes or None
+
+
+def _output_path(input_path: str, output: str | None, in_place: bool,
+                 dry_run: bool) -> str | None:
+    if in_place:
+        if output and not _same_file(input_path, output):
+            raise BadInput("--in-place overwrites INPUT: leave out -o")
+        return input_path
+    if output is None:
+        if dry_run:
+            return None
+        raise BadInput("no output: give -o OUTPUT, --in-place or --dry-run")
+    if _same_file(input_path, output):
+        raise BadInput(f"{output}: this is the input; use --in-place to overwrite it")
+    return output
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_writable(path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise BadInput(f"{path}: is a directory")
+    if not os.path.isdir(directory):
+        raise BadInput(f"{path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise BadInput(f"{path}: directory {directory} is not writable")
+
+
+def _progress(quiet: bool) -> Callable[[str], None]:
+    """Tell a person at a terminal about slow steps; say nothing to pipelines."""
+    if quiet or not click.get_text_stream("stderr").isatty():
+        return lambda step: None
+    return lambda step: click.echo(click.style(f"bnfold: {step}...", dim=True), err=True)
+
+
+def _emit(report: FoldReport | VerifyReport, json_path: str | None, quiet: bool) -> None:
+    if json_path:
+        with staged(json_path) as stage, open(stage.path, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    if not quiet:
+        click.echo(report.to_text(), err=True)
+
+
+def _exit_failed(verification: VerifyReport, quiet: bool, outcome: str) -> None:
+    click.echo(f"bnfold: verification failed, {outcome}", err=True)
+    if quiet:  # the report was not printed, but errors always are
+        for failure in verification.failures:
+            click.echo("  " + failure.describe(), err=True)
+    click.get_current_context().exit(1)
+
+
+def _one_line(err: Exception) -> str:
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+# --- Commands defined elsewhere --------------------------------------------------------------
+# `inspect` and `insert` live in bnfold/cli_insert.py; they are registered once that module exists.
+try:
+    from bnfold.cli_insert import insert_command, inspect_command
+except ModuleNotFoundError as err:
+    if err.name != "bnfold.cli_insert":
+        raise
+else:
+    main.add_command(inspect_command, "inspect")
+    main.add_command(insert_command, "insert")
