@@ -1,0 +1,130 @@
+"""`bnfold inspect` and `bnfold insert`: thin click commands over bnfold.inspect and bnfold.insert.
+
+They are registered in bnfold.cli's group; they also work on their own (errors handled here).
+The shared CLI helpers of bnfold.cli are imported when a command runs, because bnfold.cli
+imports this module while it is being loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import click
+import onnx
+
+from bnfold.errors import BadInput, BnfoldError, VerificationFailed
+from bnfold.insert import PRESETS, insert
+from bnfold.inspect import inspect
+from bnfold.io import load, save, staged
+
+
+class _Command(click.Command):
+    """Every bnfold error becomes one line on stderr: exit 1 for a failed check, else 2."""
+
+    def invoke(self, ctx: click.Context):
+        from bnfold.cli import _Failure, _one_line
+
+        try:
+            return super().invoke(ctx)
+        except (BnfoldError, OSError) as err:
+            failure = _Failure(_one_line(err))
+            failure.exit_code = 1 if isinstance(err, VerificationFailed) else 2
+            raise failure from err
+
+
+@click.command("inspect", cls=_Command)
+@click.argument("model_path", metavar="MODEL")
+@click.option("--op", "ops", multiple=True, metavar="OP",
+              help="List layers of this op (Gemm, MatMul, Conv, ConvTranspose; repeatable) "
+                   "[default: Gemm and MatMul].")
+@click.option("--json", "json_path", metavar="PATH",
+              help="Also write the report as JSON ('-': only JSON, on stdout).")
+def inspect_command(model_path: str, ops: tuple[str, ...], json_path: str | None) -> None:
+    """List the Dense layers of MODEL (op, features, activation, batch norm around them) and
+    say, for each batch norm, whether `bnfold fold` can fold it and why not."""
+    from bnfold.cli import _check_writable
+
+    if json_path and json_path != "-":
+        _check_writable(json_path)
+    model = load(model_path)
+    report = inspect(model, ops=ops, base_dir=os.path.dirname(os.path.abspath(model_path)))
+    if json_path == "-":
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    if json_path:
+        with staged(json_path) as stage, open(stage.path, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    click.echo(report.to_text())
+
+
+@click.command("insert", cls=_Command)
+@click.argument("input_path", metavar="INPUT")
+@click.option("-o", "--output", metavar="OUTPUT", help="Where to write the model.")
+@click.option("--in-place", is_flag=True, help="Overwrite INPUT (and its .data file).")
+@click.option("--after", multiple=True, metavar="NAME",
+              help="A layer name or glob, as `bnfold inspect` lists them (repeatable).")
+@click.option("--op", "ops", multiple=True, metavar="OP",
+              help="Only layers of this op; alone, all of them. Conv and ConvTranspose are "
+                   "candidates only when named here (repeatable).")
+@click.option("--all", "all_layers", is_flag=True, help="Every Dense layer (of the --op ops).")
+@click.option("--before-activation", is_flag=True,
+              help="Between the layer and its activation (torch's Linear -> BN -> ReLU) "
+                   "[default: after the activation, as in Keras].")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="keras", show_default=True,
+              help="Default epsilon and momentum: keras 1e-3, 0.99; torch 1e-5, 0.9.")
+@click.option("--epsilon", type=float, help="BN epsilon [default: by preset].")
+@click.option("--momentum", type=float,
+              help="Running-statistics momentum, ONNX/Keras convention: running = running * m "
+                   "+ batch * (1 - m); torch's momentum t is 1 - t here [default: by preset].")
+@click.option("--gamma", type=float, help="Initial scale [default: 1].")
+@click.option("--beta", type=float, help="Initial shift [default: 0].")
+@click.option("--mean", type=float, help="Initial running mean [default: 0].")
+@click.option("--var", type=float, help="Initial running variance [default: 1].")
+@click.option("--training", is_flag=True,
+              help="Training-mode BN (opset >= 15; older models are upgraded) with the updated "
+                   "running mean and variance as extra graph outputs.")
+@click.option("--identity", is_flag=True,
+              help="Initial values making each BN exactly the identity in inference mode; the "
+                   "result is checked against INPUT with onnxruntime.")
+@click.option("--json", "json_path", metavar="PATH", help="Also write the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
+def insert_command(input_path: str, output: str | None, in_place: bool, after: tuple[str, ...],
+                   ops: tuple[str, ...], all_layers: bool, before_activation: bool, preset: str,
+                   epsilon: float | None, momentum: float | None, gamma: float | None,
+                   beta: float | None, mean: float | None, var: float | None, training: bool,
+                   identity: bool, json_path: str | None, quiet: bool) -> None:
+    """Insert a BatchNormalization after the selected Dense layers of INPUT; write OUTPUT.
+
+    Rank-3 Dense outputs [batch, seq, features] are normalised over their features (Keras
+    axis=-1) through a Transpose pair around the BN.
+    """
+    from bnfold.cli import _check_writable, _emit, _one_line, _output_path, _progress
+
+    initial = {"gamma": gamma, "beta": beta, "mean": mean, "var": var}
+    given = [f"--{name}" for name, value in initial.items() if value is not None]
+    if identity and given:
+        raise BadInput(f"--identity chooses the initial values itself: drop {', '.join(given)}")
+    if output is None and not in_place:
+        raise BadInput("no output: give -o OUTPUT or --in-place")
+    output = _output_path(input_path, output, in_place, False)
+    for path in (json_path, output):
+        if path:
+            _check_writable(path)
+    progress = _progress(quiet)
+    base_dir = os.path.dirname(os.path.abspath(input_path))
+    model = load(input_path, progress=progress)
+    progress("inserting")
+    result, report = insert(
+        model, after=after, ops=ops, all_layers=all_layers, before_activation=before_activation,
+        epsilon=epsilon, momentum=momentum, preset=preset, training=training, identity=identity,
+        base_dir=base_dir, **{k: v for k, v in initial.items() if v is not None})
+    del model
+    with staged(output) as stage:
+        progress("saving")
+        save(result, stage.path, base_dir=base_dir)
+        try:
+            onnx.checker.check_model(stage.path, full_check=True)
+        except onnx.checker.ValidationError as err:
+            raise BadInput(f"the result fails onnx.checker: {_one_line(err)}") from None
+    _emit(report, json_path, quiet)

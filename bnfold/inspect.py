@@ -1,0 +1,79 @@
+"""What `bnfold inspect` shows: the Dense layers of a model, and whether each batch norm folds.
+
+The layers come from `bnfold.dense`; the batch-norm verdicts are those of a trial `fold` (which
+works on a copy), so inspect and fold can never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import onnx
+
+from bnfold.dense import DENSE_OPS, Layer, find_layers
+from bnfold.fold import fold
+from bnfold.report import Decision
+
+
+@dataclass
+class InspectReport:
+    """The layers `insert` can select, and what `fold` would do with each batch norm."""
+
+    layers: list[Layer] = field(default_factory=list)
+    batchnorms: list[Decision] = field(default_factory=list)  # fold's verdict on every batch norm
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [layer.to_dict() for layer in self.layers],
+            "batchnorms": [{**asdict(d), "foldable": d.action == "folded"}
+                           for d in self.batchnorms],
+        }
+
+    def to_text(self) -> str:
+        lines = [f"layers: {len(self.layers)}"]
+        lines += _table(["layer", "op", "in", "out", "activation", "batch norm"],
+                        [[layer.name, layer.op, _count(layer.in_features),
+                          _count(layer.out_features), layer.activation_op or "-",
+                          _around(layer)] for layer in self.layers])
+        lines.append(f"batch norms: {len(self.batchnorms)}")
+        lines += _table(["batch norm", "op", "foldable", "how / why not"],
+                        [[_where(d), d.op, "yes" if d.action == "folded" else "no", _how(d)]
+                         for d in self.batchnorms])
+        return "\n".join(lines)
+
+
+def inspect(model: onnx.ModelProto, *, ops=(), base_dir: str | None = None) -> InspectReport:
+    """The layers of `model` whose op is in `ops` (default: Gemm and MatMul), and fold's
+    decision for each of its batch norms; `model` is not modified."""
+    layers = find_layers(model, tuple(ops) or DENSE_OPS)
+    _, fold_report = fold(model, base_dir=base_dir)  # folds a copy; only the report is kept
+    return InspectReport(layers=layers, batchnorms=fold_report.decisions)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+            for row in [header, *rows]]
+
+
+def _count(n: int | None) -> str:
+    return "?" if n is None else str(n)
+
+
+def _around(layer: Layer) -> str:
+    found = [f"after: {layer.batchnorm}"] if layer.batchnorm else []
+    found += [f"before: {layer.batchnorm_before}"] if layer.batchnorm_before else []
+    return ", ".join(found) or "-"
+
+
+def _where(d: Decision) -> str:
+    return d.node if d.graph == "main" else f"{d.node} [{d.graph}]"
+
+
+def _how(d: Decision) -> str:
+    if d.action == "folded":
+        return f"{d.direction} into {d.into}"
+    return d.reason or ""
