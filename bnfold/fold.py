@@ -205,14 +205,25 @@ class _FoldRun:
 
     def collect_garbage(self) -> None:
         """Remove the constants and value_info entries the rewrites left without a reader."""
-        used = _used_names(self.model)
+        while True:  # removing an Identity of a constant can free that constant too
+            dead = self.touched - _used_names(self.model)
+            freed = {n.input[0] for g in _graphs(self.model.graph) for n in g.node
+                     if n.op_type == "Identity" and n.output[0] in dead} - self.touched
+            self._remove(dead)
+            if not freed:
+                break
+            self.touched |= freed
         produced: set[str] = set()
         for graph in _graphs(self.model.graph):
             produced.update(i.name for i in graph.input)
             produced.update(t.name for t in graph.initializer)
             for node in graph.node:
                 produced.update(node.output)
-        dead = self.touched - used
+        for graph in _graphs(self.model.graph):
+            _remove_where(graph.value_info,
+                          lambda v: v.name in self.dropped and v.name not in produced)
+
+    def _remove(self, dead: set[str]) -> None:
         for graph in _graphs(self.model.graph):
             is_legacy_main = graph is self.model.graph and self.model.ir_version < 4
             interface = set() if is_legacy_main else {i.name for i in graph.input}
@@ -220,9 +231,9 @@ class _FoldRun:
             _remove_where(graph.initializer, lambda t: t.name in doomed)
             if is_legacy_main:
                 _remove_where(graph.input, lambda i: i.name in doomed)
-            _remove_where(graph.node, lambda n: n.op_type == "Constant" and n.output[0] in doomed)
-            _remove_where(graph.value_info,
-                          lambda v: v.name in doomed or (v.name in self.dropped and v.name not in produced))
+            _remove_where(graph.node, lambda n: n.op_type in ("Constant", "Identity")
+                          and n.output[0] in doomed)
+            _remove_where(graph.value_info, lambda v: v.name in doomed)
 
 
 def _remove_where(container, predicate) -> None:

@@ -254,6 +254,9 @@ class GraphView:
 
     def constant(self, name: str) -> np.ndarray | str:
         """The value of a constant tensor, or the reason it is not one."""
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Identity":  # TorchScript shares equal tensors so
+            return self.constant(node.input[0])
         scope = self.scope
         while scope is not None:
             if name in scope.initializers:
@@ -268,6 +271,9 @@ class GraphView:
         return f"'{name}' is not constant"
 
     def constant_dtype(self, name: str) -> int | None:
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Identity":
+            return self.constant_dtype(node.input[0])
         scope = self.scope
         while scope is not None:
             if name in scope.initializers:

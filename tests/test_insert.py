@@ -876,8 +876,6 @@ def test_round_trip_on_torch_mlp(tmp_path, rank, before_activation):
     assert_round_trip(model, all_layers=True, before_activation=before_activation)
 
 
-@pytest.mark.xfail(strict=True, reason="fold does not yet fold forward through the Transpose "
-                   "pair around a rank-3 BN that follows an activation")
 def test_round_trip_rank3_after_activation(tmp_path):
     torch.manual_seed(0)
     model = torch_export(_Mlp(), (BATCH, SEQ, F_IN), tmp_path / "mlp.onnx")

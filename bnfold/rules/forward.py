@@ -3,7 +3,8 @@
     W (s*x + t) + b = (W diag(s)) x + (W t + b)
 
 Scale the layer's input-channel slice of the weight by s and add W t to its bias. Through a
-Flatten/Reshape that keeps channel blocks contiguous, channel c becomes features c*R ... (c+1)*R-1.
+Flatten/Reshape that keeps channel blocks contiguous, channel c becomes features c*R ... (c+1)*R-1;
+through a layout Transpose, the channel axis moves with the permutation.
 A Conv that reads zero padding breaks the shift part (padded zeros never received t).
 """
 
@@ -37,16 +38,26 @@ def _flatten_repeat(view: GraphView, aff: Affine, node: onnx.NodeProto) -> int |
 
 
 def _consumer(view: GraphView, aff: Affine) -> tuple[Layer, onnx.NodeProto | None, int] | str:
-    """The linear layer reading the affine's output (maybe through a Flatten/Reshape)."""
+    """The linear layer reading the affine's output, maybe through a layout Transpose or a
+    Flatten/Reshape: (layer, the node in between or None, features per channel)."""
     reason = view.why_not_private(aff.y, aff.name)
     if reason:
         return reason
-    user, reshape, repeat, data = view.sole_user(aff.y), None, 1, aff.y
-    if user.op_type in ("Flatten", "Reshape"):
-        repeat = _flatten_repeat(view, aff, user)
-        if isinstance(repeat, str):
-            return repeat
-        reshape, data = user, user.output[0]
+    user, between, repeat, data, axis = view.sole_user(aff.y), None, 1, aff.y, aff.axis
+    if user.op_type in ("Transpose", "Flatten", "Reshape"):
+        rank = view.rank(aff.y)
+        if rank is None:
+            return f"rank after {aff.name} is unknown, so {user.op_type} cannot be followed"
+        if user.op_type == "Transpose":  # axis a of the input is axis perm.index(a) after it
+            perm = list(attr(user, "perm", reversed(range(rank))))
+            axis = None if axis is None else perm.index(axis % rank)
+        else:
+            if axis is not None and axis % rank != 1:
+                return f"{aff.name} does not act on the channel axis 1 that {user.op_type} flattens"
+            repeat = _flatten_repeat(view, aff, user)
+            if isinstance(repeat, str):
+                return repeat
+        between, data = user, user.output[0]
         reason = view.why_not_private(data, display_name(user))
         if reason:
             return reason
@@ -58,19 +69,17 @@ def _consumer(view: GraphView, aff: Affine) -> tuple[Layer, onnx.NodeProto | Non
     layer = make_layer(view, user, bias_add_after(view, user) if user.op_type == "MatMul" else None)
     if isinstance(layer, str):
         return layer
-    rank = view.rank(data) or {"Gemm": 2, "Conv": layer.weight.ndim}.get(user.op_type)
     if user.op_type == "Gemm" and gemm_attrs(user)[2]:
         return f"Gemm {layer.name} has transA=1: axis 1 of its input is not the feature axis"
+    rank = view.rank(data) or {"Gemm": 2, "Conv": layer.weight.ndim}.get(user.op_type)
     if rank is None:
         return f"rank of {layer.name}'s input is unknown, so its feature axis is unknown"
     # MatMul's features are its input's last axis; Gemm's (rank 2) and Conv's are axis 1.
     feature_axis = rank - 1 if user.op_type == "MatMul" else 1
-    if aff.axis is not None and reshape is not None and aff.axis % view.rank(aff.y) != 1:
-        return f"{aff.name} does not act on the channel axis 1 that {user.op_type} flattens"
-    if aff.axis is not None and reshape is None and aff.axis % rank != feature_axis:
-        return (f"{user.op_type} {layer.name} input has rank {rank}: axis {aff.axis % rank} "
+    if axis is not None and axis % rank != feature_axis:
+        return (f"{user.op_type} {layer.name} input has rank {rank}: axis {axis % rank} "
                 f"normalised by {aff.name} is not the feature axis {feature_axis}")
-    return layer, reshape, repeat
+    return layer, between, repeat
 
 
 def _pads_reason(node: onnx.NodeProto) -> str | None:
@@ -85,7 +94,7 @@ def plan_forward(view: GraphView, aff: Affine) -> Plan | str:
     found = _consumer(view, aff)
     if isinstance(found, str):
         return found
-    layer, reshape, repeat = found
+    layer, between, repeat = found
     node, w = layer.node, layer.weight.astype(np.float64)
     op = node.op_type
     if op == "Conv":
@@ -149,5 +158,5 @@ def plan_forward(view: GraphView, aff: Affine) -> Plan | str:
             return bias
         plan.outputs.append((node, 0, view.names(f"{node.output[0]}/unbiased")))
         plan.add_bias = (node, bias, node.output[0])
-    plan.rewire.append((reshape or node, 0, aff.x))
+    plan.rewire.append((between or node, 0, aff.x))
     return plan
