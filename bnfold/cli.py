@@ -5,7 +5,6 @@ Only this module prints. The report goes to stderr, so stdout stays clean for pi
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable
@@ -13,30 +12,17 @@ from collections.abc import Callable
 import click
 
 from bnfold import __version__
-from bnfold.errors import BadInput, BnfoldError, VerificationFailed
+from bnfold.cli_common import (ReportsErrors, check_writable, emit, output_path,
+                               progress_reporter)
+from bnfold.errors import BadInput
 from bnfold.fold import fold, to_inference_mode
 from bnfold.io import load, save, staged
-from bnfold.report import FoldReport, VerifyReport
+from bnfold.report import VerifyReport
 from bnfold.verify import verify
 
 
-class _Failure(click.ClickException):
-    exit_code = 2  # 1 for VerificationFailed
-
-    def show(self, file=None) -> None:
-        click.echo(f"bnfold: error: {self.message}", err=True)
-
-
-class _Group(click.Group):
-    """Turns bnfold's errors and file errors into one line on stderr and exit code 2 (or 1)."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except (BnfoldError, OSError) as err:
-            failure = _Failure(_one_line(err))
-            failure.exit_code = 1 if isinstance(err, VerificationFailed) else 2
-            raise failure from err
+class _Group(ReportsErrors, click.Group):
+    pass
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -93,11 +79,11 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
     (or with --no-verify or --force).
     """
     sizes = _parse_dims(dims)
-    output = _output_path(input_path, output, in_place, dry_run)
+    output = output_path(input_path, output, in_place, dry_run)
     for path in (json_path, None if dry_run else output):
         if path:
-            _check_writable(path)
-    progress = _progress(quiet)
+            check_writable(path)
+    progress = progress_reporter(quiet)
     base_dir = os.path.dirname(os.path.abspath(input_path))
     model = load(input_path, progress=progress)
     progress("folding")
@@ -106,7 +92,7 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
                           training_to_inference=training_to_inference,
                           lower_standalone=lower_standalone)
     if dry_run:
-        _emit(report, json_path, quiet)
+        emit(report, json_path, quiet)
         return
     with staged(output) as stage:
         progress("saving")
@@ -120,7 +106,7 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
                                          atol=atol, rtol=rtol, seed=seed, base_dir=base_dir)
             if not report.verification.passed and not force:
                 stage.discard()
-    _emit(report, json_path, quiet)
+    emit(report, json_path, quiet)
     if report.verification and not report.verification.passed:
         done = f"written to {output} anyway (--force)" if force else "nothing written"
         _exit_failed(report.verification, quiet, done)
@@ -140,14 +126,14 @@ def verify_command(reference: str, candidate: str, inputs: str | None, dims: tup
     """
     sizes = _parse_dims(dims)
     if json_path:
-        _check_writable(json_path)
-    progress = _progress(quiet)
+        check_writable(json_path)
+    progress = progress_reporter(quiet)
     for path in (reference, candidate):  # clear errors for unusable files
         load(path, progress=progress)
     progress("verifying")
     result = verify(reference, candidate, inputs=inputs, dims=sizes, atol=atol, rtol=rtol,
                     seed=seed)
-    _emit(result, json_path, quiet)
+    emit(result, json_path, quiet)
     if not result.passed:
         _exit_failed(result, quiet, "the models differ")
 
@@ -162,52 +148,6 @@ def _parse_dims(specs: tuple[str, ...]) -> dict[str, int] | None:
     return sizes or None
 
 
-def _output_path(input_path: str, output: str | None, in_place: bool,
-                 dry_run: bool) -> str | None:
-    if in_place:
-        if output and not _same_file(input_path, output):
-            raise BadInput("--in-place overwrites INPUT: leave out -o")
-        return input_path
-    if output is None:
-        if dry_run:
-            return None
-        raise BadInput("no output: give -o OUTPUT, --in-place or --dry-run")
-    if _same_file(input_path, output):
-        raise BadInput(f"{output}: this is the input; use --in-place to overwrite it")
-    return output
-
-
-def _same_file(a: str, b: str) -> bool:
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.samefile(a, b)
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-def _check_writable(path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise BadInput(f"{path}: is a directory")
-    if not os.path.isdir(directory):
-        raise BadInput(f"{path}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise BadInput(f"{path}: directory {directory} is not writable")
-
-
-def _progress(quiet: bool) -> Callable[[str], None]:
-    """Tell a person at a terminal about slow steps; say nothing to pipelines."""
-    if quiet or not click.get_text_stream("stderr").isatty():
-        return lambda step: None
-    return lambda step: click.echo(click.style(f"bnfold: {step}...", dim=True), err=True)
-
-
-def _emit(report: FoldReport | VerifyReport, json_path: str | None, quiet: bool) -> None:
-    if json_path:
-        with staged(json_path) as stage, open(stage.path, "w") as f:
-            json.dump(report.to_dict(), f, indent=2)
-    if not quiet:
-        click.echo(report.to_text(), err=True)
-
-
 def _exit_failed(verification: VerifyReport, quiet: bool, outcome: str) -> None:
     click.echo(f"bnfold: verification failed, {outcome}", err=True)
     if quiet:  # the report was not printed, but errors always are
@@ -216,20 +156,8 @@ def _exit_failed(verification: VerifyReport, quiet: bool, outcome: str) -> None:
     click.get_current_context().exit(1)
 
 
-def _one_line(err: Exception) -> str:
-    if isinstance(err, OSError) and err.filename and err.strerror:
-        return f"{err.filename}: {err.strerror}"
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+# `inspect` and `insert` live in bnfold/cli_insert.py.
+from bnfold.cli_insert import insert_command, inspect_command  # noqa: E402
 
-
-# --- Commands defined elsewhere --------------------------------------------------------------
-# `inspect` and `insert` live in bnfold/cli_insert.py; they are registered once that module exists.
-try:
-    from bnfold.cli_insert import insert_command, inspect_command
-except ModuleNotFoundError as err:
-    if err.name != "bnfold.cli_insert":
-        raise
-else:
-    main.add_command(inspect_command, "inspect")
-    main.add_command(insert_command, "insert")
+main.add_command(inspect_command, "inspect")
+main.add_command(insert_command, "insert")

@@ -13,24 +13,16 @@ import os
 import click
 import onnx
 
-from bnfold.errors import BadInput, BnfoldError, VerificationFailed
+from bnfold.cli_common import (ReportsErrors, check_writable, emit, output_path,
+                               progress_reporter)
+from bnfold.errors import BadInput, one_line
 from bnfold.insert import PRESETS, insert
 from bnfold.inspect import inspect
 from bnfold.io import load, save, staged
 
 
-class _Command(click.Command):
-    """Every bnfold error becomes one line on stderr: exit 1 for a failed check, else 2."""
-
-    def invoke(self, ctx: click.Context):
-        from bnfold.cli import _Failure, _one_line
-
-        try:
-            return super().invoke(ctx)
-        except (BnfoldError, OSError) as err:
-            failure = _Failure(_one_line(err))
-            failure.exit_code = 1 if isinstance(err, VerificationFailed) else 2
-            raise failure from err
+class _Command(ReportsErrors, click.Command):
+    pass
 
 
 @click.command("inspect", cls=_Command)
@@ -43,10 +35,9 @@ class _Command(click.Command):
 def inspect_command(model_path: str, ops: tuple[str, ...], json_path: str | None) -> None:
     """List the Dense layers of MODEL (op, features, activation, batch norm around them) and
     say, for each batch norm, whether `bnfold fold` can fold it and why not."""
-    from bnfold.cli import _check_writable
 
     if json_path and json_path != "-":
-        _check_writable(json_path)
+        check_writable(json_path)
     model = load(model_path)
     report = inspect(model, ops=ops, base_dir=os.path.dirname(os.path.abspath(model_path)))
     if json_path == "-":
@@ -99,7 +90,6 @@ def insert_command(input_path: str, output: str | None, in_place: bool, after: t
     Rank-3 Dense outputs [batch, seq, features] are normalised over their features (Keras
     axis=-1) through a Transpose pair around the BN.
     """
-    from bnfold.cli import _check_writable, _emit, _one_line, _output_path, _progress
 
     initial = {"gamma": gamma, "beta": beta, "mean": mean, "var": var}
     given = [f"--{name}" for name, value in initial.items() if value is not None]
@@ -107,11 +97,11 @@ def insert_command(input_path: str, output: str | None, in_place: bool, after: t
         raise BadInput(f"--identity chooses the initial values itself: drop {', '.join(given)}")
     if output is None and not in_place:
         raise BadInput("no output: give -o OUTPUT or --in-place")
-    output = _output_path(input_path, output, in_place, False)
+    output = output_path(input_path, output, in_place, False)
     for path in (json_path, output):
         if path:
-            _check_writable(path)
-    progress = _progress(quiet)
+            check_writable(path)
+    progress = progress_reporter(quiet)
     base_dir = os.path.dirname(os.path.abspath(input_path))
     model = load(input_path, progress=progress)
     progress("inserting")
@@ -126,5 +116,5 @@ def insert_command(input_path: str, output: str | None, in_place: bool, after: t
         try:
             onnx.checker.check_model(stage.path, full_check=True)
         except onnx.checker.ValidationError as err:
-            raise BadInput(f"the result fails onnx.checker: {_one_line(err)}") from None
-    _emit(report, json_path, quiet)
+            raise BadInput(f"the result fails onnx.checker: {one_line(err)}") from None
+    emit(report, json_path, quiet)

@@ -11,3 +11,11 @@ class BadInput(BnfoldError):
 
 class VerificationFailed(BnfoldError):
     """The transformed model does not compute the same outputs as the original (exit 1)."""
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line for the user: its first line, or a file error's name and cause."""
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        return f"{err.filename}: {err.strerror}"
+    lines = str(err).strip().splitlines()
+    return lines[0].strip() if lines else type(err).__name__

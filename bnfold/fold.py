@@ -10,12 +10,12 @@ import math
 
 import onnx
 
-import numpy as np
 from onnx import helper, numpy_helper
 
 from bnfold.affine import Affine, bn_affine, cast_to, set_inference_mode, training_reason
 from bnfold.errors import BadInput
-from bnfold.graph import GraphView, NameAllocator, Scope, default_opset, display_name, infer_shapes, subgraphs
+from bnfold.graph import (GraphView, NameAllocator, Scope, default_opset, display_name, infer_shapes,
+                          remove_where, subgraphs)
 from bnfold.report import Decision, FoldReport, ModelStats
 from bnfold.rules import RULES
 from bnfold.rules.chains import chain_affine, chain_heads, remove_noop_casts
@@ -220,7 +220,7 @@ class _FoldRun:
             for node in graph.node:
                 produced.update(node.output)
         for graph in _graphs(self.model.graph):
-            _remove_where(graph.value_info,
+            remove_where(graph.value_info,
                           lambda v: v.name in self.dropped and v.name not in produced)
 
     def _remove(self, dead: set[str]) -> None:
@@ -228,16 +228,9 @@ class _FoldRun:
             is_legacy_main = graph is self.model.graph and self.model.ir_version < 4
             interface = set() if is_legacy_main else {i.name for i in graph.input}
             doomed = dead - interface
-            _remove_where(graph.initializer, lambda t: t.name in doomed)
+            remove_where(graph.initializer, lambda t: t.name in doomed)
             if is_legacy_main:
-                _remove_where(graph.input, lambda i: i.name in doomed)
-            _remove_where(graph.node, lambda n: n.op_type in ("Constant", "Identity")
+                remove_where(graph.input, lambda i: i.name in doomed)
+            remove_where(graph.node, lambda n: n.op_type in ("Constant", "Identity")
                           and n.output[0] in doomed)
-            _remove_where(graph.value_info, lambda v: v.name in doomed)
-
-
-def _remove_where(container, predicate) -> None:
-    keep = [item for item in container if not predicate(item)]
-    if len(keep) != len(container):
-        del container[:]
-        container.extend(keep)
+            remove_where(graph.value_info, lambda v: v.name in doomed)

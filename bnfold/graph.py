@@ -286,3 +286,23 @@ class GraphView:
                 return onnx.TensorProto.FLOAT
             scope = scope.outer
         return None
+
+
+def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Make every reader of `old` (subgraphs included) read `new`."""
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        for _, sub in subgraphs(node):
+            rename_uses(sub, old, new)
+            for output in sub.output:  # a body may return an outer value directly
+                if output.name == old:
+                    output.name = new
+
+
+def remove_where(container, predicate) -> None:
+    keep = [item for item in container if not predicate(item)]
+    if len(keep) != len(container):
+        del container[:]
+        container.extend(keep)

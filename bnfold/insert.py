@@ -20,8 +20,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from bnfold.dense import DENSE_OPS, Layer, find_layers
-from bnfold.errors import BadInput, VerificationFailed
-from bnfold.graph import NameAllocator, default_opset, subgraphs
+from bnfold.errors import BadInput, VerificationFailed, one_line
+from bnfold.graph import NameAllocator, default_opset, rename_uses
 from bnfold.report import VerifyReport
 from bnfold.verify import verify
 
@@ -240,7 +240,7 @@ def _upgrade(model: onnx.ModelProto, opset: int, base_dir: str | None) -> onnx.M
     try:
         upgraded = onnx.version_converter.convert_version(model, TRAINING_OPSET)
     except Exception as err:  # the converter raises several types, none of them ours
-        raise BadInput(f"{why} failed: {_first_line(err)}") from None
+        raise BadInput(f"{why} failed: {one_line(err)}") from None
     check = verify(model, upgraded, base_dir=base_dir)
     if not check.passed:
         raise BadInput(f"{why} changed the outputs: {check.failures[0].describe()}")
@@ -296,7 +296,7 @@ def _rewrite(model: onnx.ModelProto, layers: list[Layer], settings: _Settings
             chains[index] = _chain(layer, insertion.input, anchor, insertion, names, settings, out)
         else:
             chains[index] = _chain(layer, anchor, None, insertion, names, settings, out)
-            _rename_uses(graph, anchor, chains[index][-1].output[0])
+            rename_uses(graph, anchor, chains[index][-1].output[0])
         insertion.output = chains[index][-1].output[0]
         insertions.append(insertion)
     ordered = []
@@ -360,21 +360,3 @@ def _chain(layer: Layer, x: str, y: str | None, insertion: Insertion, names: Nam
                                       [y or names(f"{from_channels}_output_0")],
                                       name=from_channels, perm=inverse))
     return nodes
-
-
-def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
-    """Make every reader of `old` (subgraphs included) read `new`."""
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = new
-        for _, sub in subgraphs(node):
-            _rename_uses(sub, old, new)
-            for output in sub.output:  # a body may return an outer value directly
-                if output.name == old:
-                    output.name = new
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

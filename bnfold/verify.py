@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import onnxruntime as ort
 from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
-from bnfold.errors import BadInput
+from bnfold.errors import BadInput, one_line
 from bnfold.report import OutputComparison, VerifyReport
 
 Model = onnx.ModelProto | str | os.PathLike
@@ -137,7 +136,7 @@ def _interface(model: Model) -> _Interface:
         try:
             model = onnx.load(os.fspath(model), load_external_data=False)
         except (OSError, DecodeError) as err:
-            raise BadInput(f"cannot read {os.fspath(model)}: {_one_line(err)}") from None
+            raise BadInput(f"cannot read {os.fspath(model)}: {one_line(err)}") from None
     graph = model.graph
     # An input that is also an initializer has a default (IR >= 4) or is a constant listed as
     # an input because IR < 4 required it: either way it is not fed.
@@ -307,7 +306,7 @@ def _given_feeds(
             feeds[v.name] = np.asarray(given[v.name]).astype(_dtype(v), copy=False)
         except (TypeError, ValueError) as err:
             raise BadInput(
-                f"input '{v.name}' cannot be cast to {v.type}: {_one_line(err)}"
+                f"input '{v.name}' cannot be cast to {v.type}: {one_line(err)}"
             ) from None
     return feeds
 
@@ -316,7 +315,7 @@ def _load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise BadInput(f"cannot read inputs {os.fspath(path)}: {_one_line(err)}") from None
+        raise BadInput(f"cannot read inputs {os.fspath(path)}: {one_line(err)}") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise BadInput(f"inputs {os.fspath(path)} is not an .npz archive")
     with data:
@@ -346,7 +345,7 @@ def _session(model: Model, base_dir: str | os.PathLike | None, role: str) -> ort
         # By path, onnxruntime finds external data itself, however large the model.
         return ort.InferenceSession(os.fspath(model), options, providers=_PROVIDERS)
     except (*_ORT_ERRORS, OSError) as err:
-        raise BadInput(f"onnxruntime cannot load the {role}: {_one_line(err)}") from None
+        raise BadInput(f"onnxruntime cannot load the {role}: {one_line(err)}") from None
 
 
 def _session_from_proto(
@@ -382,7 +381,7 @@ def _run(
     try:
         results = session.run_with_ort_values(None, values)
     except _ORT_ERRORS as err:
-        raise BadInput(f"onnxruntime failed to run {what}: {_one_line(err)}") from None
+        raise BadInput(f"onnxruntime failed to run {what}: {one_line(err)}") from None
     return {o.name: _to_numpy(r, o.name) for o, r in zip(session.get_outputs(), results)}
 
 
@@ -407,10 +406,6 @@ def _to_numpy(value: ort.OrtValue, name: str) -> np.ndarray:
         raise BadInput(
             f"output '{name}' is {value.data_type()}, which bnfold cannot compare"
         ) from None
-
-
-def _one_line(err: BaseException) -> str:
-    return re.sub(r"\s+", " ", str(err)).strip()
 
 
 # --- comparing -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from bnfold.affine import Affine
-from bnfold.graph import GraphView, attr, display_name, subgraphs
+from bnfold.graph import GraphView, attr, display_name, remove_where, rename_uses, subgraphs
 from bnfold.rules.layer import LINEAR_OPS
 
 AFFINE_OPS = ("Add", "Sub", "Mul", "Div")
@@ -114,7 +114,8 @@ def remove_noop_casts(model: onnx.ModelProto, types: dict[str, int]) -> int:
                     and types.get(node.input[0]) == attr(node, "to")
                     and node.output[0] not in outputs):
                 graph.node.remove(node)
-                _rename_uses(graph, node.output[0], node.input[0])
+                rename_uses(graph, node.output[0], node.input[0])
+                remove_where(graph.value_info, lambda v: v.name == node.output[0])
                 removed += 1
         for node in graph.node:
             for _, sub in subgraphs(node):
@@ -122,16 +123,3 @@ def remove_noop_casts(model: onnx.ModelProto, types: dict[str, int]) -> int:
 
     visit(model.graph)
     return removed
-
-
-def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = new
-        for _, sub in subgraphs(node):
-            _rename_uses(sub, old, new)
-    for i, v in enumerate(graph.value_info):
-        if v.name == old:
-            del graph.value_info[i]
-            break
