@@ -17,6 +17,7 @@ from onnx import numpy_helper
 from builders import (
     BN,
     NP_DTYPE,
+    GraphBuilder,
     assert_no_less_accurate,
     assert_rounded_from,
     bn_affine,
@@ -437,3 +438,18 @@ def test_two_bns_in_a_row_after_a_conv_both_fold():
     folded, report = fold_checked(model)
     assert len(report.folded) == 2
     assert count_ops(folded) == Counter(Conv=1)
+
+
+def test_weight_read_twice_by_the_same_gemm_is_not_scaled_in_place():
+    # Gemm(A, W, W): B and C are one initializer. Scaling it in place for B would also change C.
+    b = GraphBuilder(seed=3)
+    x = b.input("x", [4, 4])  # C = W is [4, 4]: M must be 4
+    w = b.weight("W", (4, 4))
+    y = b.node("Gemm", [x, w, w], name="gemm", beta=0.5)
+    b.output(b.bn(y, 4, name="bn", out="y"))
+    model = b.build()
+    folded, report = fold_checked(model)
+    assert folds(report) == [("bn", "backward", "gemm")]
+    assert count_ops(folded) == Counter(Gemm=1)
+    gemm = find_node(folded, "Gemm")
+    assert gemm.input[1] != gemm.input[2]

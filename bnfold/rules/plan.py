@@ -74,8 +74,9 @@ class Rewriter:
         node.input[index] = self._new_initializer(f"{display_name(node)}/{role}", values)
 
     def _owned(self, name: str, node: onnx.NodeProto) -> bool:
-        """True when `name` is an initializer of this graph that only `node` reads."""
+        """True when `name` is an initializer of this graph that only `node` reads, once."""
         return (name in self.view.scope.initializers
+                and list(node.input).count(name) == 1
                 and name not in self.view.outputs
                 and name not in {i.name for i in self.graph.input}
                 and [id(n) for n in self.view.users(name)] == [id(node)])
