@@ -73,7 +73,11 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
                  rtol: float | None, seed: int, json_path: str | None, quiet: bool, force: bool,
                  dry_run: bool, allow_initializer_inputs: bool, training_to_inference: bool,
                  lower_standalone: bool) -> None:
-    """Fold the BatchNormalization nodes of INPUT into their neighbours.
+    """Fold the batch norms of INPUT into their neighbouring layers.
+
+    Batch norms are BatchNormalization nodes and the Sub/Mul/Add/Div chains by per-channel
+    constants that Keras and other exporters write; no-op Casts are removed. What cannot be
+    folded exactly is kept, and the report says why.
 
     OUTPUT is written only if onnxruntime finds that it computes the same outputs as INPUT
     (or with --no-verify or --force).
