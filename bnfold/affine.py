@@ -104,12 +104,14 @@ def cast_to(values: np.ndarray, data_type: int) -> np.ndarray | str:
     np_type = _FLOAT_TYPES.get(data_type)
     if np_type is None:
         return f"weight type {helper.tensor_dtype_to_string(data_type)} is not a float type"
-    if not np.all(np.isfinite(values)):
+    # max and min propagate NaN and need no temporary as large as the weight
+    high, low = (float(values.max()), float(values.min())) if values.size else (0.0, 0.0)
+    if not (np.isfinite(high) and np.isfinite(low)):
         return "folded weights are not finite"
     limit = float(ml_dtypes.finfo(np_type).max)
-    if values.size and float(np.max(np.abs(values))) > limit:
-        return (f"folded weights: a value overflows {helper.tensor_dtype_to_string(data_type)[len('TensorProto.'):].lower()} "
-                f"(max {float(np.max(np.abs(values))):.4g} > {limit:g})")
+    if max(high, -low) > limit:
+        name = helper.tensor_dtype_to_string(data_type)[len("TensorProto."):].lower()
+        return f"folded weights: a value overflows {name} (max {max(high, -low):.4g} > {limit:g})"
     if np_type is ml_dtypes.bfloat16:
         return _round_to_bfloat16(values)
     return values.astype(np_type)

@@ -10,7 +10,7 @@ import math
 
 import onnx
 
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from bnfold.affine import Affine, bn_affine, cast_to, set_inference_mode, training_reason
 from bnfold.errors import BadInput
@@ -19,7 +19,7 @@ from bnfold.graph import (GraphView, NameAllocator, Scope, default_opset, displa
 from bnfold.report import Decision, FoldReport, ModelStats
 from bnfold.rules import RULES
 from bnfold.rules.chains import chain_affine, chain_heads, remove_noop_casts
-from bnfold.rules.plan import Plan, Rewriter
+from bnfold.rules.plan import Plan, Rewriter, Spill, fill
 
 MIN_OPSET = 7
 
@@ -126,6 +126,8 @@ class _FoldRun:
         self.names = NameAllocator(model)
         self.touched: set[str] = set()
         self.dropped: set[str] = set()
+        lazy = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        self.spill = Spill() if lazy else None
 
     def view(self, graph: onnx.GraphProto, outer: Scope | None, path: str) -> GraphView:
         return GraphView(self.model, graph, outer=outer, path=path, base_dir=self.base_dir,
@@ -148,7 +150,7 @@ class _FoldRun:
                     kept[aff.y] = (aff.name, aff.op, aff, result)
                     continue
                 kept.pop(aff.y, None)
-                Rewriter(view, self.names, self.touched, self.dropped).apply(result)
+                Rewriter(view, self.names, self.touched, self.dropped, self.spill).apply(result)
                 self.report.decisions.append(Decision(
                     node=aff.name, action="folded", direction=result.direction,
                     into=display_name(result.into), graph=path, op=aff.op))
@@ -190,8 +192,10 @@ class _FoldRun:
         graph, (bn,) = view.graph, aff.nodes
         position = list(graph.node).index(bn)
         names = [self.names(f"{aff.name}/{role}") for role in ("scale", "shift", "scaled")]
-        graph.initializer.extend([numpy_helper.from_array(scale, names[0]),
-                                  numpy_helper.from_array(shift, names[1])])
+        for name, value in zip(names, (scale, shift)):
+            tensor = graph.initializer.add()
+            tensor.name = name
+            fill(tensor, value)
         if view.legacy_inputs:
             for name, value in zip(names, (scale, shift)):
                 graph.input.append(helper.make_tensor_value_info(name, data_type, list(value.shape)))

@@ -302,7 +302,7 @@ def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
 
 
 def remove_where(container, predicate) -> None:
-    keep = [item for item in container if not predicate(item)]
-    if len(keep) != len(container):
-        del container[:]
-        container.extend(keep)
+    """Delete the items of a repeated protobuf field that match, in place: rebuilding the field
+    would copy every tensor of a large model."""
+    for index in reversed([i for i, item in enumerate(container) if predicate(item)]):
+        del container[index]

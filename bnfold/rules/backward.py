@@ -17,8 +17,10 @@ from bnfold.rules.layer import LINEAR_OPS, Layer, bias_add_after, gemm_attrs, ma
 from bnfold.rules.plan import Plan
 
 
+# Each scales `w` (a float64 copy, ours to change) in place and returns it.
 def _scale_conv(node: onnx.NodeProto, w: np.ndarray, s: np.ndarray) -> np.ndarray:
-    return w * s.reshape((-1,) + (1,) * (w.ndim - 1))  # [M, C/group, k...]: axis 0, any group
+    w *= s.reshape((-1,) + (1,) * (w.ndim - 1))  # [M, C/group, k...]: axis 0, any group
+    return w
 
 
 def _scale_conv_transpose(node: onnx.NodeProto, w: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -26,16 +28,19 @@ def _scale_conv_transpose(node: onnx.NodeProto, w: np.ndarray, s: np.ndarray) ->
     # scale of column j depends on the row's group.
     group = int(attr(node, "group", 1))
     c_in, per_group, kernel = w.shape[0], w.shape[1], w.shape[2:]
-    grouped = w.reshape((group, c_in // group, per_group) + kernel)
-    return (grouped * s.reshape((group, 1, per_group) + (1,) * len(kernel))).reshape(w.shape)
+    grouped = w.reshape((group, c_in // group, per_group) + kernel)  # a view of w
+    grouped *= s.reshape((group, 1, per_group) + (1,) * len(kernel))
+    return w
 
 
 def _scale_gemm(node: onnx.NodeProto, w: np.ndarray, s: np.ndarray) -> np.ndarray:
-    return w * s[:, None] if gemm_attrs(node)[3] else w * s[None, :]  # columns of B'
+    w *= s[:, None] if gemm_attrs(node)[3] else s[None, :]  # the columns of B'
+    return w
 
 
 def _scale_matmul(node: onnx.NodeProto, w: np.ndarray, s: np.ndarray) -> np.ndarray:
-    return w * s[None, :]
+    w *= s[None, :]
+    return w
 
 
 # op -> (output channels of the weight, how to scale them, index of the op's own bias input)

@@ -95,7 +95,7 @@ def plan_forward(view: GraphView, aff: Affine) -> Plan | str:
     if isinstance(found, str):
         return found
     layer, between, repeat = found
-    node, w = layer.node, layer.weight.astype(np.float64)
+    node, w = layer.node, layer.weight.astype(np.float64)  # a copy, scaled in place below
     op = node.op_type
     if op == "Conv":
         group = int(attr(node, "group", 1))
@@ -120,17 +120,18 @@ def plan_forward(view: GraphView, aff: Affine) -> Plan | str:
         per_group = features // group
         s_in = s.reshape(group, per_group)[np.arange(outputs) // (outputs // group)]
         t_in = t.reshape(group, per_group)[np.arange(outputs) // (outputs // group)]
-        scaled = w * s_in.reshape(s_in.shape + (1,) * (w.ndim - 2))
         delta = (w.reshape(outputs, per_group, -1).sum(axis=-1) * t_in).sum(axis=-1)
+        w *= s_in.reshape(s_in.shape + (1,) * (w.ndim - 2))
         bias_index = 2
     elif op == "Gemm":
-        scaled = w * s[None, :] if trans_b else w * s[:, None]
         delta = alpha * (t @ (w.T if trans_b else w))
+        w *= s[None, :] if trans_b else s[:, None]
         bias_index = 2
     else:
-        scaled, delta, bias_index = w * s[:, None], t @ w, None
+        delta, bias_index = t @ w, None
+        w *= s[:, None]
 
-    weight = cast_to(scaled, layer.weight_type)
+    weight = cast_to(w, layer.weight_type)
     if isinstance(weight, str):
         return weight
     plan.set_tensor(node, 1, weight, "weight")

@@ -6,9 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from bnfold.graph import GraphView, NameAllocator, display_name, set_attr
 
@@ -29,14 +34,56 @@ class Plan:
         self.tensors.append((node, index, values, role))
 
 
+def fill(tensor: onnx.TensorProto, values: np.ndarray, spill: Spill | None = None) -> None:
+    """Make `tensor` (name and doc kept) hold `values`: in memory, or in the spill file."""
+    for data_field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
+                       "uint64_data", "string_data"):
+        tensor.ClearField(data_field)
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT
+    tensor.data_type = helper.np_dtype_to_tensor_dtype(values.dtype)
+    del tensor.dims[:]
+    tensor.dims.extend(values.shape)
+    if spill is not None and values.nbytes >= Spill.THRESHOLD:
+        spill.write(tensor, values)
+    else:
+        tensor.raw_data = np.ascontiguousarray(values).tobytes()
+
+
+class Spill:
+    """Where new weights go when the model's weights stay on disk (loaded without external data):
+    written as they are made, so memory holds one layer at a time; `bnfold.save` streams them
+    into the output's data file. The file is removed when the process exits."""
+
+    THRESHOLD = 1024  # bytes; smaller tensors stay in the model
+
+    def __init__(self) -> None:
+        self._file = None
+
+    def write(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
+        if self._file is None:
+            directory = tempfile.mkdtemp(prefix="bnfold-")
+            atexit.register(shutil.rmtree, directory, True)
+            self._file = open(os.path.join(directory, "weights.bin"), "wb")
+            atexit.register(self._file.close)
+        offset = self._file.tell()
+        np.ascontiguousarray(values).tofile(self._file)
+        self._file.flush()
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", self._file.name), ("offset", str(offset)),
+                           ("length", str(values.nbytes))):
+            tensor.external_data.add(key=key, value=value)
+
+
 class Rewriter:
     """Applies plans to one graph, writing new constants without disturbing shared ones."""
 
     def __init__(self, view: GraphView, names: NameAllocator, touched: set[str],
-                 dropped: set[str]):
+                 dropped: set[str], spill: Spill | None = None):
         # touched: constants that may have lost their last reader; dropped: values that may no
         # longer exist. Both are cleaned up once at the end of the pass.
         self.view, self.names, self.touched, self.dropped = view, names, touched, dropped
+        self.spill = spill
         self.graph = view.graph
 
     def apply(self, plan: Plan) -> None:
@@ -66,8 +113,7 @@ class Rewriter:
             node.input.append("")
         old = node.input[index]
         if old and self._owned(old, node) and self._same_type(old, values):
-            tensor = self.view.scope.initializers[old]
-            tensor.CopyFrom(numpy_helper.from_array(values, old))
+            fill(self.view.scope.initializers[old], values, self.spill)
             return
         if old:
             self.touched.add(old)
@@ -88,7 +134,9 @@ class Rewriter:
 
     def _new_initializer(self, base: str, values: np.ndarray) -> str:
         name = self.names(base)
-        self.graph.initializer.append(numpy_helper.from_array(values, name))
+        tensor = self.graph.initializer.add()
+        tensor.name = name
+        fill(tensor, values, self.spill)
         if self.view.legacy_inputs:  # IR < 4: every initializer is also listed as an input
             self.graph.input.append(helper.make_tensor_value_info(
                 name, helper.np_dtype_to_tensor_dtype(values.dtype), list(values.shape)))
