@@ -108,7 +108,7 @@ def _stored_constant(view: GraphView, name: str) -> np.ndarray | None:
 
 
 def _static_shape(node: onnx.NodeProto, shape: tuple | None) -> np.ndarray | None:
-    """The value of Shape or Size of a tensor of inferred `shape`, if the dims it reads are static."""
+    """Shape or Size of a tensor of inferred `shape`, if the dims it reads are static."""
     if shape is not None and node.op_type == "Shape":
         shape = shape[attr(node, "start", 0):attr(node, "end")]  # ONNX clamps like Python slices
     if shape is None or not all(isinstance(d, int) for d in shape):
@@ -137,13 +137,16 @@ def _output_size(node: onnx.NodeProto, args: list[np.ndarray | None]) -> int:
 
 
 def _run(view: GraphView, node: onnx.NodeProto, args: list[np.ndarray | None]) -> list[np.ndarray]:
-    if node.op_type == "CastLike":  # the second input lends its type only: it may not be constant
-        to = view.elem_type(node.input[1])
-        cast = helper.make_node("Cast", node.input[:1], node.output, to=to)
-        cast.attribute.extend(node.attribute)  # saturate, where present, means the same for Cast
-        node = cast
-    feeds = [numpy_helper.from_array(a, i) for i, a in zip(node.input, args) if a is not None]
+    """`node` alone, on `args`, in the reference evaluator at the model's opset (domain "")."""
+    op, inputs = node.op_type, node.input
+    if op == "CastLike":  # the second input lends its type only: it may not be constant
+        op, inputs = "Cast", node.input[:1]
+    bare = helper.make_node(op, inputs, node.output)
+    bare.attribute.extend(node.attribute)  # CastLike's saturate means the same for Cast
+    if op != node.op_type:
+        bare.attribute.append(helper.make_attribute("to", view.elem_type(node.input[1])))
+    feeds = [numpy_helper.from_array(a, i) for i, a in zip(inputs, args) if a is not None]
     outputs = [onnx.ValueInfoProto(name=o) for o in node.output]
-    graph = helper.make_graph([node], "computed", [], outputs, initializer=feeds)
+    graph = helper.make_graph([bare], "computed", [], outputs, initializer=feeds)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", view.opset)])
     return ReferenceEvaluator(model).run(None, {})
