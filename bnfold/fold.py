@@ -88,8 +88,7 @@ def _batch_norms(view: GraphView):
             yield (node, "BatchNormalization", aff) if isinstance(aff, str) else aff
     for head in chain_heads(view):
         aff = chain_affine(view, head)
-        if aff is not None:
-            yield (head, "affine", aff) if isinstance(aff, str) else aff
+        yield (head, "affine", aff) if isinstance(aff, str) else aff
 
 
 def _is_bn(node: onnx.NodeProto) -> bool:
@@ -209,14 +208,14 @@ class _FoldRun:
 
     def collect_garbage(self) -> None:
         """Remove the constants and value_info entries the rewrites left without a reader."""
-        while True:  # removing an Identity of a constant can free that constant too
+        while True:  # a removed node's inputs may have lost their last reader too
             dead = self.touched - _used_names(self.model)
-            freed = {n.input[0] for g in _graphs(self.model.graph) for n in g.node
-                     if n.op_type == "Identity" and n.output[0] in dead} - self.touched
-            self._remove(dead)
-            if not freed:
+            for graph in _graphs(self.model.graph):
+                for node in graph.node:
+                    if _is_pure(node) and set(node.output) <= dead:
+                        self.touched.update(n for n in node.input if n)
+            if not self._remove(dead):
                 break
-            self.touched |= freed
         produced: set[str] = set()
         for graph in _graphs(self.model.graph):
             produced.update(i.name for i in graph.input)
@@ -227,14 +226,24 @@ class _FoldRun:
             remove_where(graph.value_info,
                           lambda v: v.name in self.dropped and v.name not in produced)
 
-    def _remove(self, dead: set[str]) -> None:
+    def _remove(self, dead: set[str]) -> int:
+        """Remove dead initializers and the pure nodes computing only dead values; the count."""
+        removed = 0
         for graph in _graphs(self.model.graph):
             is_legacy_main = graph is self.model.graph and self.model.ir_version < 4
             interface = set() if is_legacy_main else {i.name for i in graph.input}
             doomed = dead - interface
+            before = len(graph.initializer) + len(graph.node)
             remove_where(graph.initializer, lambda t: t.name in doomed)
             if is_legacy_main:
                 remove_where(graph.input, lambda i: i.name in doomed)
-            remove_where(graph.node, lambda n: n.op_type in ("Constant", "Identity")
-                          and n.output[0] in doomed)
+            remove_where(graph.node, lambda n: _is_pure(n) and set(n.output) <= doomed)
             remove_where(graph.value_info, lambda v: v.name in doomed)
+            removed += before - len(graph.initializer) - len(graph.node)
+        return removed
+
+
+def _is_pure(node: onnx.NodeProto) -> bool:
+    """A node with no effect but its outputs: removable once nothing reads them."""
+    return (node.domain in ("", "ai.onnx") and bool(node.output)
+            and not any(True for _ in subgraphs(node)))

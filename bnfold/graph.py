@@ -7,6 +7,7 @@ it indexes names, it never copies tensor data).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import os
 from typing import Iterator
 
 import numpy as np
@@ -164,6 +165,22 @@ def _is_external(t: onnx.TensorProto) -> bool:
     return t.data_location == onnx.TensorProto.EXTERNAL
 
 
+def tensor_value(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
+    """A tensor's value, its data read from external files when it has any. onnx refuses
+    absolute locations; bnfold writes them itself for weights it spilled to disk."""
+    info = {e.key: e.value for e in tensor.external_data}
+    if not _is_external(tensor) or not os.path.isabs(info.get("location", "")):
+        return numpy_helper.to_array(tensor, base_dir)
+    header = onnx.TensorProto()
+    header.CopyFrom(tensor)
+    del header.external_data[:]
+    header.data_location = onnx.TensorProto.DEFAULT
+    with open(info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        header.raw_data = f.read(int(info["length"]))
+    return numpy_helper.to_array(header)
+
+
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     """The value of a Constant node, or None for forms we do not read (sparse)."""
     for a in node.attribute:
@@ -257,13 +274,18 @@ class GraphView:
         node = self.producer.get(name)
         if node is not None and node.op_type == "Identity":  # TorchScript shares equal tensors so
             return self.constant(node.input[0])
+        if node is not None and node.op_type != "Constant":  # computed from constants only?
+            from bnfold.constants import computed_constant  # (it reads leaves through us)
+
+            value = computed_constant(self, name)
+            return value if value is not None else f"'{name}' is not constant"
         scope = self.scope
         while scope is not None:
             if name in scope.initializers:
                 if name in scope.overridable:
                     return (f"initializer '{name}' is also a graph input (a caller may override "
                             f"it; allow with --allow-initializer-inputs)")
-                return numpy_helper.to_array(scope.initializers[name], self.base_dir)
+                return tensor_value(scope.initializers[name], self.base_dir)
             if name in scope.constant_nodes:
                 value = constant_node_value(scope.constant_nodes[name])
                 return value if value is not None else f"'{name}' is a sparse constant"
@@ -285,7 +307,7 @@ class GraphView:
                         return a.t.data_type
                 return onnx.TensorProto.FLOAT
             scope = scope.outer
-        return None
+        return self.types.get(name)
 
 
 def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:

@@ -995,15 +995,18 @@ def affine_chain(b: GraphBuilder, x: str, ops, shape, *, name: str = "chain",
     return x
 
 
-def noop_casts(model: onnx.ModelProto) -> int:
-    """Casts whose target type is their input's own type (types from shape inference)."""
+def noop_casts(model: onnx.ModelProto, *, graph_outputs_only: bool = False) -> int:
+    """Casts of the main graph whose target type is their input's own type (types from shape
+    inference); with `graph_outputs_only`, only those producing a graph output."""
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type for v in
              list(inferred.graph.input) + list(inferred.graph.value_info) +
              list(inferred.graph.output)}
     types.update({t.name: t.data_type for t in model.graph.initializer})
+    outputs = {o.name for o in model.graph.output}
     return sum(1 for n in model.graph.node if n.op_type == "Cast"
-               and types.get(n.input[0]) == helper.get_node_attr_value(n, "to"))
+               and types.get(n.input[0]) == helper.get_node_attr_value(n, "to")
+               and (n.output[0] in outputs or not graph_outputs_only))
 
 
 def _const_shape(layout, channels: int) -> tuple[int, ...]:
@@ -1012,9 +1015,10 @@ def _const_shape(layout, channels: int) -> tuple[int, ...]:
 
 
 def conv_chain(ops, layout, *, casts: bool = False, bias: bool = True, source: str = "initializer",
-               c_in: int = 4, c_out: int = 6, dtype: str = "fp32", seed: int = 0) -> onnx.ModelProto:
+               c_in: int = 4, c_out: int = 6, dtype: str = "fp32", opset: int = 17,
+               ir_version: int | None = None, seed: int = 0) -> onnx.ModelProto:
     """x[batch, c_in, 9, 7] -> Conv(pads 1) -> affine chain (constants `layout`) -> y."""
-    b = GraphBuilder(dtype, seed=seed)
+    b = GraphBuilder(dtype, opset=opset, ir_version=ir_version, seed=seed)
     x = b.input("x", ["batch", c_in, *SPATIAL[2]])
     inputs = [x, b.weight("conv_W", [c_out, c_in, 3, 3])]
     if bias:
@@ -1058,10 +1062,12 @@ def act_chain_linear(ops, layout, *, kind: str = "matmul_add", act: str = "Relu"
                      seed: int = 0) -> onnx.ModelProto:
     """x[batch, (t,) k] -> act -> affine chain (on k) -> Dense -> y: folds forward only.
 
-    `kind`: "gemm" (transB=1, rank 2 only), "matmul" or "matmul_add"."""
+    `kind`: "gemm" (transB=1, rank 2 only), "matmul" or "matmul_add". In `layout`, "C" is k
+    and "T" is t."""
     b = GraphBuilder(seed=seed)
     x = b.input("x", ["batch", k] if rank == 2 else ["batch", t, k])
-    x = affine_chain(b, b.node(act, [x], name="act"), ops, _const_shape(layout, k), casts=casts)
+    shape = tuple(t if d == "T" else d for d in _const_shape(layout, k))
+    x = affine_chain(b, b.node(act, [x], name="act"), ops, shape, casts=casts)
     if kind == "gemm":
         b.node("Gemm", [x, b.weight("gemm_B", [n, k], fan_in=k), b.weight("gemm_C", [n], fan_in=1)],
                name="gemm", outputs=["y"], transB=1)
@@ -1074,10 +1080,11 @@ def act_chain_linear(ops, layout, *, kind: str = "matmul_add", act: str = "Relu"
 
 
 def keras_conv_chain(ops=CHAIN_FORMS["sub_mul_add"], *, bias: bool = True, casts: bool = True,
-                     c_in: int = 4, c_out: int = 6, seed: int = 0) -> onnx.ModelProto:
+                     layout=(1, 1, 1, "C"), c_in: int = 4, c_out: int = 6,
+                     seed: int = 0) -> onnx.ModelProto:
     """Keras Conv2D + BatchNormalization as exported, channels last:
     x[batch, 9, 7, c_in] -> Transpose(NHWC->NCHW) -> Conv -> Transpose(NCHW->NHWC)
-    [-> Add(bias [1, 1, 1, C])] -> chain([1, 1, 1, C]) -> y, with no-op Casts between."""
+    [-> Add(bias [1, 1, 1, C])] -> chain(constants `layout`) -> y, with no-op Casts between."""
     b = GraphBuilder(seed=seed)
     x = b.input("x", ["batch", *SPATIAL[2], c_in])
     x = b.node("Transpose", [x], name="to_nchw", perm=[0, 3, 1, 2])
@@ -1088,6 +1095,38 @@ def keras_conv_chain(ops=CHAIN_FORMS["sub_mul_add"], *, bias: bool = True, casts
         y = noop_cast(b, y, "cast_conv")
     if bias:
         y = b.node("Add", [y, b.weight("conv_bias", [1, 1, 1, c_out], fan_in=1)], name="bias_add")
-    affine_chain(b, y, ops, (1, 1, 1, c_out), out="y", casts=casts)
+    affine_chain(b, y, ops, _const_shape(layout, c_out), out="y", casts=casts)
+    b.output("y")
+    return b.build()
+
+
+def act_chain_conv(ops, layout, *, pads: int = 0, c_in: int = 4, c_out: int = 6,
+                   seed: int = 0) -> onnx.ModelProto:
+    """x[batch, c_in, 9, 7] -> Relu -> affine chain (on c_in) -> Conv(3x3, pads) -> y."""
+    b = GraphBuilder(seed=seed)
+    x = b.node("Relu", [b.input("x", ["batch", c_in, *SPATIAL[2]])], name="act")
+    x = affine_chain(b, x, ops, _const_shape(layout, c_in))
+    b.node("Conv", [x, b.weight("conv_W", [c_out, c_in, 3, 3]), b.weight("conv_B", [c_out], fan_in=1)],
+           name="conv", outputs=["y"], **_conv_attrs(2, 3, pads))
+    b.output("y")
+    return b.build()
+
+
+def conv_relu_chain_flatten_gemm(ops, layout, *, via: str = "Flatten", c: int = 4, n: int = 10,
+                                 seed: int = 0) -> onnx.ModelProto:
+    """x -> Conv(pads 0) -> Relu -> affine chain (on c) -> Flatten | Reshape([0, -1]) -> Gemm -> y."""
+    b = GraphBuilder(seed=seed)
+    x = b.input("x", ["batch", 2, 8, 9])
+    y = b.node("Conv", [x, b.weight("conv_W", [c, 2, 3, 3]), b.weight("conv_B", [c], fan_in=1)],
+               name="conv", kernel_shape=[3, 3])
+    y = affine_chain(b, b.node("Relu", [y], name="relu"), ops, _const_shape(layout, c))
+    if via == "Flatten":
+        y = b.node("Flatten", [y], name="flatten", axis=1)
+    else:
+        y = b.node("Reshape", [y, b.const("flat_shape", np.array([0, -1], dtype=np.int64))],
+                   name="reshape")
+    features = c * 6 * 7
+    b.node("Gemm", [y, b.weight("gemm_B", [n, features], fan_in=features),
+                    b.weight("gemm_C", [n], fan_in=1)], name="gemm", outputs=["y"], transB=1)
     b.output("y")
     return b.build()

@@ -57,3 +57,34 @@ def test_lazy_external_model_folds_with_spilled_weights(tmp_path):
     onnx.checker.check_model(result, full_check=True)
     assert sum(n.op_type == "BatchNormalization" for n in result.graph.node) == 0
     assert_equivalent(original, result, random_feeds(original), "fp32")
+
+
+def test_spilled_weights_are_read_back_by_later_folds(tmp_path):
+    # MatMul + Add(bias) -> BN -> Mul: the BN folds into the layer first, spilling its bias; the
+    # Mul then folds into the same layer and must read the spilled bias back.
+    rng = np.random.default_rng(1)
+    params = trained_bn_params(300, rng)
+    inits = [numpy_helper.from_array(rng.normal(size=(5, 300)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.normal(size=300).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.uniform(0.5, 2, 300).astype(np.float32), "k")]
+    inits += [numpy_helper.from_array(v.astype(np.float32), f"bn.{k}") for k, v in params.items()]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="dense"),
+             helper.make_node("Add", ["m", "b"], ["a"], name="bias"),
+             helper.make_node("BatchNormalization", ["a", "bn.scale", "bn.bias", "bn.mean",
+                                                     "bn.var"], ["n"], name="bn"),
+             helper.make_node("Mul", ["n", "k"], ["y"], name="scale")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, ["N", 5])],
+                              [helper.make_tensor_value_info("y", 1, ["N", 300])], inits)
+    original = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    on_disk = onnx.ModelProto()
+    on_disk.CopyFrom(original)
+    onnx.save(on_disk, tmp_path / "m.onnx", save_as_external_data=True, location="m.data",
+              size_threshold=0)
+
+    folded, report = fold(bnfold.load(tmp_path / "m.onnx"), base_dir=str(tmp_path), inplace=True)
+
+    assert [(d.node, d.into) for d in report.folded] == [("bn", "dense"), ("scale", "dense")]
+    bnfold.save(folded, tmp_path / "f.onnx", base_dir=str(tmp_path))
+    result = onnx.load(tmp_path / "f.onnx")
+    assert [n.op_type for n in result.graph.node] == ["MatMul", "Add"]
+    assert_equivalent(original, result, random_feeds(original), "fp32")

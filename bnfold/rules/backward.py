@@ -53,41 +53,50 @@ OUTPUT_CHANNELS = {
 
 
 def producer_layer(view: GraphView, aff: Affine) -> Layer | str:
-    """The linear layer (with its bias Add, maybe a layout Transpose) only the affine map reads."""
+    """The linear layer only the affine map reads: Linear [-> bias Add] [-> layout Transpose],
+    or Linear -> Transpose -> bias Add (Keras's convolutions)."""
     node = view.producer.get(aff.x)
     if node is None:
         return "its input is not computed in this graph by a linear layer"
     reason = view.why_not_private(aff.x, display_name(node))
     if reason:
         return reason
-    transpose = None
+    bias = transpose = None
+    if node.op_type == "Add":
+        bias, node = _bias_add_before(view, node)
+        if bias is None:
+            return "producer Add is not a linear layer's bias"
     if node.op_type == "Transpose" and view.producer.get(node.input[0]) is not None:
-        transpose, node = node, view.producer[node.input[0]]
-        reason = view.why_not_private(transpose.input[0], display_name(node))
+        reason = view.why_not_private(node.input[0], display_name(node))
         if reason:
             return reason
-    layer: Layer | str
-    if node.op_type == "Add":
-        layer = "producer Add is not a linear layer's bias"
-        for name in node.input:
-            linear = view.producer.get(name)
-            if linear is not None and linear.op_type in LINEAR_OPS:
-                bias = bias_add_after(view, linear)
-                if bias is not None and bias[0] is node:
-                    layer = make_layer(view, linear, bias)
-    elif node.op_type in LINEAR_OPS:
-        layer = make_layer(view, node)
-    else:
-        layer = f"producer {node.op_type} is not a linear layer"
+        transpose, node = node, view.producer[node.input[0]]
+        if bias is None and node.op_type == "Add":
+            bias, node = _bias_add_before(view, node)
+            if bias is None:
+                return "producer Add is not a linear layer's bias"
+    if node.op_type not in LINEAR_OPS:
+        return f"producer {node.op_type} is not a linear layer"
+    layer = make_layer(view, node, bias)
     if isinstance(layer, Layer):
         layer.transpose = transpose
     return layer
 
 
+def _bias_add_before(view: GraphView, add: onnx.NodeProto):
+    """(the bias found by `bias_add_after`, the node it follows) when `add` is a bias Add."""
+    for name in add.input:
+        before = view.producer.get(name)
+        found = bias_add_after(view, before) if before is not None else None
+        if found is not None and found[0] is add:
+            return found, before
+    return None, add
+
+
 def output_axis_reason(view: GraphView, layer: Layer, aff: Affine) -> str | None:
     """Why the affine's axis is not the axis holding the layer's output channels."""
     op = layer.node.op_type
-    rank = view.rank(layer.output)
+    rank = view.rank(aff.x) or view.rank(layer.output)  # the layer's tensors share one rank
     if op == "MatMul":
         if rank is None:
             return f"rank of {layer.name}'s output is unknown, so its feature axis is unknown"
@@ -99,8 +108,7 @@ def output_axis_reason(view: GraphView, layer: Layer, aff: Affine) -> str | None
         return None
     axis = aff.axis % rank
     if layer.transpose is not None:
-        perm = list(attr(layer.transpose, "perm", reversed(range(rank))))
-        axis = perm[axis]
+        axis = layer.perm(rank)[axis]
     if axis != channel_axis:
         return (f"{op} output has rank {rank}: axis {axis} normalised by "
                 f"{aff.name} is not the feature axis {channel_axis}")
@@ -128,9 +136,18 @@ def plan_backward(view: GraphView, aff: Affine) -> Plan | str:
     plan.set_tensor(node, 1, weight, "weight")
 
     # The shift goes into the bias Add when there is one, else into the op's own bias.
-    rank = view.rank(layer.output) or (2 if node.op_type in ("Gemm", "MatMul") else w.ndim)
+    rank = (view.rank(aff.x) or view.rank(layer.output)
+            or (2 if node.op_type in ("Gemm", "MatMul") else w.ndim))
     channel_axis = rank - 1 if node.op_type == "MatMul" else 1
-    along = (-1,) + (1,) * (rank - 1 - channel_axis)  # a [C] vector on the channel axis
+    if layer.bias_after_transpose:
+        channel_axis = layer.perm(rank).index(channel_axis)
+    along = (-1,) + (1,) * (rank - 1 - channel_axis)  # a [C] vector on the bias's channel axis
+    if bias_index is not None and layer.bias_add is not None:
+        # A per-channel bias Add merges into the op's own bias: one node less.
+        vector = _channel_vector(layer.add_bias, rank, channel_axis, len(s))
+        if vector is not None:
+            plan.remove.append(layer.bias_add)
+            layer.bias_add, t = None, vector * s + t
     shift_taken = layer.bias_add is not None
     if shift_taken:
         bias = layer.add_bias.astype(np.float64) * s.reshape(along) + t.reshape(along)
@@ -165,3 +182,14 @@ def plan_backward(view: GraphView, aff: Affine) -> Plan | str:
             return bias
         plan.add_bias = (node, bias, aff.y)
     return plan
+
+
+def _channel_vector(bias: np.ndarray, rank: int, axis: int, channels: int) -> np.ndarray | None:
+    """`bias` as a [channels] float64 vector, when it varies along `axis` of a rank-`rank`
+    tensor only (or not at all) and broadcasting it changes no shape; else None."""
+    if bias.ndim > rank:
+        return None
+    shape = (1,) * (rank - bias.ndim) + bias.shape
+    if any(d != 1 for i, d in enumerate(shape) if i != axis) or shape[axis] not in (1, channels):
+        return None
+    return np.broadcast_to(bias.astype(np.float64).reshape(-1), (channels,))

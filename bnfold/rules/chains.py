@@ -36,22 +36,25 @@ def affine_step(view: GraphView, node: onnx.NodeProto) -> tuple[int, np.ndarray]
 
 
 def chain_heads(view: GraphView) -> list[onnx.NodeProto]:
-    """First nodes of maximal affine chains."""
+    """First nodes of maximal affine chains. A linear layer's bias Add (right after it, or after
+    its layout Transpose) belongs to the layer: the chain starts after it."""
     heads = []
     for node in view.graph.node:
         step = affine_step(view, node)
-        if step is None:
+        if step is None or _is_layer_bias(view, node, step):
             continue
         before = view.producer.get(node.input[1 - step[0]])
-        if before is not None and affine_step(view, before) is not None \
-                and view.sole_user(before.output[0]) is node:
+        before_step = affine_step(view, before) if before is not None else None
+        if before_step is not None and view.sole_user(before.output[0]) is node \
+                and not _is_layer_bias(view, before, before_step):
             continue
         heads.append(node)
     return heads
 
 
-def chain_affine(view: GraphView, head: onnx.NodeProto) -> Affine | str | None:
-    """The affine map of the chain starting at `head`; None for a layer's own bias Add."""
+@np.errstate(all="ignore")  # inf and NaN constants are refused below, not warned about
+def chain_affine(view: GraphView, head: onnx.NodeProto) -> Affine | str:
+    """The affine map of the chain starting at `head`, or why it is not one we can fold."""
     scale, shift = np.ones(()), np.zeros(())
     nodes, params, node = [], [], head
     while True:
@@ -75,8 +78,6 @@ def chain_affine(view: GraphView, head: onnx.NodeProto) -> Affine | str | None:
             break
         node = after
     x, y = head.input[1 - affine_step(view, head)[0]], nodes[-1].output[0]
-    if all(n.op_type == "Add" for n in nodes) and _after_linear_layer(view, x):
-        return None  # the layer's bias, not a batch norm
     rank = view.rank(x)
     if rank is None and max(scale.ndim, shift.ndim) > 1:
         return f"rank of {x} is unknown, so the axis of the constants is unknown"
@@ -95,11 +96,13 @@ def chain_affine(view: GraphView, head: onnx.NodeProto) -> Affine | str | None:
                   axis=axis)
 
 
-def _after_linear_layer(view: GraphView, name: str) -> bool:
-    node = view.producer.get(name)
-    if node is not None and node.op_type == "Transpose":
-        node = view.producer.get(node.input[0])
-    return node is not None and node.op_type in LINEAR_OPS
+def _is_layer_bias(view: GraphView, node: onnx.NodeProto, step: tuple[int, np.ndarray]) -> bool:
+    if node.op_type != "Add":
+        return False
+    before = view.producer.get(node.input[1 - step[0]])
+    if before is not None and before.op_type == "Transpose":
+        before = view.producer.get(before.input[0])
+    return before is not None and before.op_type in LINEAR_OPS
 
 
 def remove_noop_casts(model: onnx.ModelProto, types: dict[str, int]) -> int:

@@ -29,13 +29,24 @@ class Layer:
 
     @property
     def output(self) -> str:
-        """The tensor the layer (bias Add included, layout Transpose not) produces."""
-        return (self.bias_add or self.node).output[0]
+        """The tensor the linear op produces (the rank of all the layer's tensors)."""
+        return self.node.output[0]
+
+    @property
+    def bias_after_transpose(self) -> bool:
+        return (self.transpose is not None and self.bias_add is not None
+                and self.transpose.output[0] in self.bias_add.input)
 
     @property
     def last(self) -> onnx.NodeProto:
         """The node whose output the folded affine map's output name moves to."""
+        if self.bias_after_transpose:
+            return self.bias_add
         return self.transpose or self.bias_add or self.node
+
+    def perm(self, rank: int) -> list[int]:
+        """The layout Transpose's permutation (ONNX's default: reversed axes)."""
+        return list(attr(self.transpose, "perm", list(reversed(range(rank)))))
 
     @property
     def weight_type(self) -> int:

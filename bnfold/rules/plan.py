@@ -98,7 +98,11 @@ class Rewriter:
         for node, index, name in plan.rewire:
             node.input[index] = name
         for node, index, name in plan.outputs:
-            self.dropped.add(node.output[index])
+            old = node.output[index]
+            self.dropped.add(old)
+            for known in (self.view.shapes, self.view.types):  # a new name: the same value
+                if old in known:
+                    known.setdefault(name, known[old])
             node.output[index] = name
         if plan.add_bias is not None:
             after, bias, output = plan.add_bias
