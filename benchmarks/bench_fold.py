@@ -265,7 +265,7 @@ def _child(mode: str, src: str, dst: str) -> None:
 
 
 def measure(mode: str, model: Path) -> dict:
-    """Run one measurement in a fresh process; its peak RSS is taken from the kernel (wait4)."""
+    """Run one measurement in a fresh process; its peak is the process's VmHWM."""
     dst = model.with_name(f"{model.stem}.{mode}.onnx")
     os.sync()  # the previous run's writeback must not slow this one down
     with tempfile.TemporaryFile() as err:
@@ -273,7 +273,7 @@ def measure(mode: str, model: Path) -> dict:
                                 stdout=subprocess.PIPE, stderr=err)
         out = proc.stdout.read()
         proc.stdout.close()
-        _, status, usage = os.wait4(proc.pid, 0)
+        _, status, _ = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         for f in (dst, Path(str(dst) + ".data")):
             f.unlink(missing_ok=True)
@@ -281,9 +281,9 @@ def measure(mode: str, model: Path) -> dict:
             err.seek(0)
             tail = err.read().decode(errors="replace").strip().splitlines()[-15:]
             raise RuntimeError(f"{mode} on {model.name} exited {proc.returncode}:\n" + "\n".join(tail))
-    result = json.loads(out.decode().strip().splitlines()[-1])
-    result["peak_mb"] = usage.ru_maxrss / 1024  # kilobytes on Linux
-    return result
+    # The child's own VmHWM: wait4's ru_maxrss would also count the parent's memory, which a
+    # forked child carries until it execs.
+    return json.loads(out.decode().strip().splitlines()[-1])
 
 
 def _fmt_mb(mb: float) -> str:
