@@ -93,6 +93,28 @@ def test_checker_rejection_is_bad_input(tmp_path):
     assert_bad_input(path, "invalid model: No Op registered for NoSuchOp")
 
 
+@pytest.mark.parametrize("size", [8, 4096])  # checked by onnx.checker / by bnfold, unread
+def test_tensor_data_shorter_than_its_shape_is_bad_input(tmp_path, size):
+    model = add_chain_model(size=size)
+    tensor = model.graph.initializer[0]
+    tensor.raw_data = tensor.raw_data[:-4]
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(BadInput, match="invalid model"):
+        load(path)
+
+
+def test_large_weights_are_checked_without_running_the_checker_on_them(tmp_path, monkeypatch):
+    checked = []
+    monkeypatch.setattr(onnx.checker, "check_model",
+                        lambda model, full_check=False: checked.append(model))
+    path = tmp_path / "model.onnx"
+    onnx.save(add_chain_model(size=4096), str(path))
+    load(path)
+    (shell,) = checked
+    assert all(list(t.dims) in ([0], [1]) or t.ByteSize() < 2048 for t in shell.graph.initializer)
+
+
 @pytest.mark.parametrize("opset", [5, 99])
 def test_unsupported_opset_is_bad_input(tmp_path, opset):
     path = tmp_path / "model.onnx"
