@@ -256,7 +256,7 @@ def _child(mode: str, src: str, dst: str) -> None:
         start, cpu = time.perf_counter(), _cpu_seconds()
         base_dir = os.path.dirname(os.path.abspath(src))
         model = load(src, check=(mode == "fold"))
-        result, report = fold(model, base_dir=base_dir, inplace=True)  # as the CLI does
+        result, report = fold(model, base_dir=base_dir, inplace=True, spill=True)  # as the CLI
         save(result, dst, base_dir=base_dir)
         folded, kept = len(report.folded), len(report.kept)
     seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu

@@ -10,6 +10,7 @@ import re
 from collections.abc import Callable
 
 import click
+import onnx
 
 from bnfold import __version__
 from bnfold.cli_common import (ReportsErrors, check_writable, emit, output_path,
@@ -91,7 +92,10 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
     base_dir = os.path.dirname(os.path.abspath(input_path))
     model = load(input_path, progress=progress)
     progress("folding")
+    had_external_data = any(t.data_location == onnx.TensorProto.EXTERNAL
+                            for t in model.graph.initializer)
     folded, report = fold(model, base_dir=base_dir, inplace=True,  # `model` is not used again
+                          spill=True,  # new weights wait on disk for `save` to stream them
                           allow_initializer_inputs=allow_initializer_inputs,
                           training_to_inference=training_to_inference,
                           lower_standalone=lower_standalone)
@@ -100,7 +104,7 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
         return
     with staged(output) as stage:
         progress("saving")
-        save(folded, stage.path, base_dir=base_dir)
+        save(folded, stage.path, base_dir=base_dir, external_data=had_external_data or None)
         if not no_verify:
             progress("verifying")
             reference = input_path

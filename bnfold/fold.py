@@ -26,11 +26,14 @@ MIN_OPSET = 7
 
 def fold(model: onnx.ModelProto, *, base_dir: str | None = None,
          allow_initializer_inputs: bool = False, training_to_inference: bool = False,
-         lower_standalone: bool = False, inplace: bool = False) -> tuple[onnx.ModelProto, FoldReport]:
+         lower_standalone: bool = False, inplace: bool = False,
+         spill: bool | None = None) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every batch norm of `model` that can be folded exactly; keep the others, with reasons.
 
     Returns the folded model and a `FoldReport`. `model` is left untouched unless `inplace`.
     `base_dir` is the directory external data is read from, for models loaded without it.
+    `spill`: write new weights to a scratch file (removed at exit) instead of memory, for
+    `bnfold.save` to stream; the default spills for models whose weights are on disk.
     """
     opset = default_opset(model)
     if opset < MIN_OPSET:
@@ -40,7 +43,7 @@ def fold(model: onnx.ModelProto, *, base_dir: str | None = None,
     report = FoldReport(before=model_stats(model))
     if training_to_inference:
         _to_inference_mode(model)
-    run = _FoldRun(model, base_dir, allow_initializer_inputs, lower_standalone, report)
+    run = _FoldRun(model, base_dir, allow_initializer_inputs, lower_standalone, spill, report)
     report.removed_casts = remove_noop_casts(model, run.types)
     run.fold_graph(model.graph, None, "main")
     run.collect_garbage()
@@ -116,7 +119,7 @@ def _to_inference_mode(model: onnx.ModelProto) -> None:
 
 
 class _FoldRun:
-    def __init__(self, model, base_dir, allow_initializer_inputs, lower_standalone,
+    def __init__(self, model, base_dir, allow_initializer_inputs, lower_standalone, spill,
                  report: FoldReport):
         self.model, self.base_dir, self.report = model, base_dir, report
         self.allow_initializer_inputs = allow_initializer_inputs
@@ -125,8 +128,9 @@ class _FoldRun:
         self.names = NameAllocator(model)
         self.touched: set[str] = set()
         self.dropped: set[str] = set()
-        lazy = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-        self.spill = Spill() if lazy else None
+        if spill is None:
+            spill = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+        self.spill = Spill() if spill else None
 
     def view(self, graph: onnx.GraphProto, outer: Scope | None, path: str) -> GraphView:
         return GraphView(self.model, graph, outer=outer, path=path, base_dir=self.base_dir,
@@ -149,7 +153,8 @@ class _FoldRun:
                     kept[aff.y] = (aff.name, aff.op, aff, result)
                     continue
                 kept.pop(aff.y, None)
-                Rewriter(view, self.names, self.touched, self.dropped, self.spill).apply(result)
+                spill = self.spill if view.is_main else None  # save streams the main graph's
+                Rewriter(view, self.names, self.touched, self.dropped, spill).apply(result)
                 self.report.decisions.append(Decision(
                     node=aff.name, action="folded", direction=result.direction,
                     into=display_name(result.into), graph=path, op=aff.op))

@@ -66,18 +66,22 @@ def load(path: str | os.PathLike, *, load_external_data: bool = False, check: bo
     return model
 
 
-def save(model: onnx.ModelProto, path: str | os.PathLike, *, base_dir: str | None = None) -> None:
+def save(model: onnx.ModelProto, path: str | os.PathLike, *, base_dir: str | None = None,
+         external_data: bool | None = None) -> None:
     """Write `model` to `path` atomically; `model` itself is left as it was.
 
     Tensors still external are read relative to `base_dir` and streamed into `<path>.data`.
-    A model with such tensors, or too large for one protobuf, is written with external data:
-    then every in-memory tensor over 1 KiB joins them in the sidecar.
+    A model with such tensors, or too large for one protobuf, is written with external data
+    (`external_data` True or False decides instead): then every in-memory tensor over 1 KiB
+    joins them in the sidecar. Weights the fold pass spilled to disk are streamed either way.
     """
     path = os.fspath(path)
-    external = any(_is_external(t) for t in _tensors(model))
+    external = external_data
+    if external is None:
+        external = any(_is_external(t) and not _is_spilled(t) for t in _tensors(model))
     if not external and not _too_large(model):
         with _atomic_write(path) as f:
-            f.write(model.SerializeToString())
+            _write_inline(model, f)
         return
     if external and base_dir is None:
         raise ValueError("save: the model has external data; pass base_dir (its directory)")
@@ -167,6 +171,82 @@ def _check(model: onnx.ModelProto, path: str) -> None:
     except onnx.checker.ValidationError as err:
         first = (str(err).strip().splitlines() or ["rejected by onnx.checker"])[0]
         raise BadInput(f"{path}: invalid model: {first}") from None
+
+
+def _is_spilled(t: onnx.TensorProto) -> bool:
+    """Written to a scratch file by the fold pass (absolute location): data of this model, held
+    on disk instead of in memory, not data the model shares with other files."""
+    return _is_external(t) and os.path.isabs(ExternalDataInfo(t).location)
+
+
+def _write_inline(model: onnx.ModelProto, out: BinaryIO) -> None:
+    """Serialize `model` to `out` as one protobuf, the main graph's initializers one at a time.
+
+    Protobuf fields may come in any order, so the model without its graph, then the graph
+    without its initializers, then each initializer (its header, then its bytes) parse as the
+    same model: the weights are never copied into one serialized buffer, and spilled weights
+    are copied from their scratch file.
+    """
+    rest = onnx.ModelProto()
+    _copy_fields(model, rest, skip="graph")
+    graph = onnx.GraphProto()
+    _copy_fields(model.graph, graph, skip="initializer")
+    entries = []  # (tensor, its header, the byte count of its data)
+    for t in model.graph.initializer:
+        header = onnx.TensorProto()
+        if _is_spilled(t):
+            _copy_fields(t, header, skip="external_data")
+            header.ClearField("data_location")
+            entries.append((t, header, int(ExternalDataInfo(t).length)))
+        elif t.HasField("raw_data") and _itemsize(t.data_type):
+            _copy_fields(t, header, skip="raw_data")
+            entries.append((t, header, math.prod(t.dims) * _itemsize(t.data_type)))
+        else:
+            entries.append((t, t, 0))
+    sized = []
+    for t, header, length in entries:
+        head = header.SerializeToString()
+        data_field = _field(_RAW_DATA, length) if header is not t else b""
+        sized.append((t, head, data_field, length if header is not t else 0))
+    body = sum(len(_field(_INITIALIZER, len(h) + len(f) + n)) + len(h) + len(f) + n
+               for _, h, f, n in sized)
+    graph_bytes = graph.SerializeToString()
+    out.write(rest.SerializeToString())
+    out.write(_field(_GRAPH, len(graph_bytes) + body))
+    out.write(graph_bytes)
+    buffer = memoryview(bytearray(_CHUNK))
+    for t, head, data_field, length in sized:
+        out.write(_field(_INITIALIZER, len(head) + len(data_field) + length))
+        out.write(head)
+        out.write(data_field)
+        if _is_spilled(t):
+            info = ExternalDataInfo(t)
+            with open(info.location, "rb") as src:
+                _copy(src, info.offset or 0, length, out, buffer)
+        elif length:
+            data = t.raw_data
+            if len(data) != length:
+                raise ValueError(f"tensor '{t.name}' holds {len(data)} bytes, not {length}")
+            out.write(data)
+            del data
+
+
+_GRAPH, _INITIALIZER, _RAW_DATA = 7, 5, 9  # field numbers: ModelProto.graph,
+# GraphProto.initializer, TensorProto.raw_data
+
+
+def _field(number: int, length: int) -> bytes:
+    """The tag and length that open a length-delimited protobuf field (its payload follows)."""
+    return _varint_bytes(number << 3 | 2) + _varint_bytes(length)
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 def _is_external(t: onnx.TensorProto) -> bool:

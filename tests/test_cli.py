@@ -415,3 +415,18 @@ def test_errors_become_one_line(model_path, tmp_path, monkeypatch, error, code, 
     assert result.exit_code == code
     assert result.stderr == f"bnfold: error: {message}\n"
     assert os.listdir(tmp_path) == ["model.onnx"]
+
+
+def test_external_data_model_keeps_external_data_when_every_weight_is_new(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    model = conv_bn_model()  # every initializer is a weight or BN parameter: all replaced
+    onnx.save(model, str(src / "model.onnx"), save_as_external_data=True,
+              location="model.onnx.data", size_threshold=0)
+    result = run("fold", src / "model.onnx", "-o", dst / "out.onnx")
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(dst)) == ["out.onnx", "out.onnx.data"]
+    x = np.ones((3, 3, 8, 8), np.float32)
+    np.testing.assert_allclose(outputs(dst / "out.onnx", x), outputs(src / "model.onnx", x),
+                               rtol=1e-4, atol=1e-5)

@@ -50,7 +50,7 @@ def test_lazy_external_model_folds_with_spilled_weights(tmp_path):
     location = dict((e.key, e.value) for e in weight.external_data)["location"]
     assert weight.data_location == onnx.TensorProto.EXTERNAL and not weight.raw_data
     assert not location.startswith(str(source))  # spilled, never written beside the input
-    bnfold.save(folded, target / "f.onnx", base_dir=str(source))
+    bnfold.save(folded, target / "f.onnx", base_dir=str(source), external_data=True)
     assert digest(source) == before
     assert sorted(os.listdir(target)) == ["f.onnx", "f.onnx.data"]
     result = onnx.load(target / "f.onnx")
