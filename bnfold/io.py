@@ -47,6 +47,7 @@ def load(path: str | os.PathLike, *, load_external_data: bool = False, check: bo
         model.ParseFromString(data)
     except DecodeError:
         raise BadInput(f"{path}: {_parse_failure(data)}") from None
+    sizes = _raw_data_sizes(data) if check else []
     del data
     if not model.ir_version and not model.HasField("graph"):
         raise BadInput(f"{path}: not an ONNX model (no IR version, no graph)")
@@ -60,7 +61,7 @@ def load(path: str | os.PathLike, *, load_external_data: bool = False, check: bo
     if check:
         if progress:
             progress("checking")
-        _check(model, path)
+        _check(model, path, sizes)
     if load_external_data:
         load_external_data_for_model(model, base_dir)
     return model
@@ -136,11 +137,13 @@ def staged(path: str | os.PathLike) -> Iterator[Staged]:
         stage.discard()
 
 
-def _check(model: onnx.ModelProto, path: str) -> None:
+def _check(model: onnx.ModelProto, path: str, sizes: list[int]) -> None:
     """onnx.checker on the model's structure, without reading or copying its weights.
 
     The checker runs on a shell whose large initializers are empty tensors of the same name and
-    type; what the checker would have checked of those (their byte count) is checked here.
+    type; what the checker would have checked of those (their byte count, `sizes`, read from
+    the file by `_raw_data_sizes`: reading `raw_data` back from protobuf would copy it) is
+    checked here.
     """
     main = {id(t) for t in model.graph.initializer}
     if any(_is_external(t) and id(t) not in main for t in _tensors(model)):
@@ -149,18 +152,20 @@ def _check(model: onnx.ModelProto, path: str) -> None:
         shell = onnx.ModelProto()
         _copy_fields(model, shell, skip="graph")
         _copy_fields(model.graph, shell.graph, skip="initializer")
-        for t in model.graph.initializer:
+        if len(sizes) != len(model.graph.initializer):  # an unusual layout: read them back
+            sizes = [len(t.raw_data) if t.HasField("raw_data") else -1
+                     for t in model.graph.initializer]
+        for t, size in zip(model.graph.initializer, sizes):
             header = shell.graph.initializer.add()
             if _is_external(t):  # its file and length were checked by _check_external
                 _copy_fields(t, header, skip="external_data")
                 header.data_location = onnx.TensorProto.DEFAULT
-            elif t.HasField("raw_data") and len(t.raw_data) > _EXTERNAL_THRESHOLD:
+            elif size > _EXTERNAL_THRESHOLD:
                 _copy_fields(t, header, skip="raw_data")
                 expected = math.prod(t.dims) * _itemsize(t.data_type)
-                if _itemsize(t.data_type) and len(t.raw_data) != expected:
-                    raise BadInput(f"{path}: invalid model: tensor '{t.name}' holds "
-                                   f"{len(t.raw_data)} bytes, its shape {list(t.dims)} needs "
-                                   f"{expected}")
+                if _itemsize(t.data_type) and size != expected:
+                    raise BadInput(f"{path}: invalid model: tensor '{t.name}' holds {size} "
+                                   f"bytes, its shape {list(t.dims)} needs {expected}")
             else:
                 header.CopyFrom(t)
                 continue
@@ -308,6 +313,45 @@ def _parse_failure(data: bytes) -> str:
     if not seen:
         return "not an ONNX model (protobuf parse failed)"
     return "truncated or corrupt (protobuf parse failed)"
+
+
+def _raw_data_sizes(data: bytes) -> list[int]:
+    """The raw_data byte count (-1: none) of each main-graph initializer, read off the
+    serialized ModelProto without copying any tensor."""
+    view = memoryview(data)
+    sizes = []
+    for number, start, end in _length_delimited(view, 0, len(view)):
+        if number == _GRAPH:
+            for inner, t_start, t_end in _length_delimited(view, start, end):
+                if inner == _INITIALIZER:
+                    raw = [b - a for n, a, b in _length_delimited(view, t_start, t_end)
+                           if n == _RAW_DATA]
+                    sizes.append(raw[-1] if raw else -1)
+    return sizes
+
+
+def _length_delimited(data, pos: int, end: int):
+    """(field number, start, end) of the length-delimited fields of the message in
+    data[pos:end]; other fields are skipped."""
+    while pos < end:
+        key, pos = _varint(data, pos)
+        if key is None:
+            return
+        wire = key & 7
+        if wire == 0:
+            _, pos = _varint(data, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            size, pos = _varint(data, pos)
+            if size is None:
+                return
+            yield key >> 3, pos, pos + size
+            pos += size
+        else:
+            return
 
 
 def _varint(data: bytes, pos: int) -> tuple[int | None, int]:
