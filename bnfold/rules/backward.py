@@ -122,22 +122,25 @@ def plan_backward(view: GraphView, aff: Affine) -> Plan | str:
     reason = output_axis_reason(view, layer, aff)
     if reason:
         return reason
-    node, w = layer.node, layer.weight
+    node = layer.node
     channels_of, scale_weight, bias_index = OUTPUT_CHANNELS[node.op_type]
-    per_channel = aff.per_channel(channels_of(node, w))
+    per_channel = aff.per_channel(channels_of(node, layer.weight))
     if isinstance(per_channel, str):
         return per_channel
     s, t = per_channel
     plan = Plan(into=node, direction="backward", remove=list(aff.nodes))
 
-    weight = cast_to(scale_weight(node, w.astype(np.float64), s), layer.weight_type)
+    ndim = layer.weight.ndim
+    # The float64 copy replaces the stored one at once: a weight can be a large part of memory.
+    weight, layer.weight = layer.weight.astype(np.float64), None
+    weight = cast_to(scale_weight(node, weight, s), layer.weight_type)
     if isinstance(weight, str):
         return weight
     plan.set_tensor(node, 1, weight, "weight")
 
     # The shift goes into the bias Add when there is one, else into the op's own bias.
     rank = (view.rank(aff.x) or view.rank(layer.output)
-            or (2 if node.op_type in ("Gemm", "MatMul") else w.ndim))
+            or (2 if node.op_type in ("Gemm", "MatMul") else ndim))
     channel_axis = rank - 1 if node.op_type == "MatMul" else 1
     if layer.bias_after_transpose:
         channel_axis = layer.perm(rank).index(channel_axis)

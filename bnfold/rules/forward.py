@@ -95,7 +95,8 @@ def plan_forward(view: GraphView, aff: Affine) -> Plan | str:
     if isinstance(found, str):
         return found
     layer, between, repeat = found
-    node, w = layer.node, layer.weight.astype(np.float64)  # a copy, scaled in place below
+    # A float64 copy, scaled in place below; it replaces the stored one at once (memory).
+    node, w, layer.weight = layer.node, layer.weight.astype(np.float64), None
     op = node.op_type
     if op == "Conv":
         group = int(attr(node, "group", 1))
