@@ -158,6 +158,7 @@ class _FoldRun:
                 self.report.decisions.append(Decision(
                     node=aff.name, action="folded", direction=result.direction,
                     into=display_name(result.into), graph=path, op=aff.op))
+                del result  # its new weights are in the model now: not twice in memory
                 progress = True
                 break
         view = self.view(graph, outer, path)
