@@ -9,13 +9,12 @@ from __future__ import annotations
 import math
 
 import onnx
-
 from onnx import helper
 
 from bnfold.affine import Affine, bn_affine, cast_to, set_inference_mode, training_reason
 from bnfold.errors import BadInput
-from bnfold.graph import (GraphView, NameAllocator, Scope, default_opset, display_name, infer_shapes,
-                          remove_where, subgraphs)
+from bnfold.graph import (GraphView, NameAllocator, Scope, attr, default_opset, display_name,
+                          infer_shapes, remove_where, subgraphs)
 from bnfold.report import Decision, FoldReport, ModelStats
 from bnfold.rules import RULES
 from bnfold.rules.chains import chain_affine, chain_heads, remove_noop_casts
@@ -84,7 +83,8 @@ def _graphs(graph: onnx.GraphProto):
 
 
 def _batch_norms(view: GraphView):
-    """Every batch norm of the graph: BN nodes and affine chains, as `Affine` or (node, reason)."""
+    """Every batch norm of the graph (BN nodes, affine chains): an `Affine`, or (node, op, reason)
+    when it is not a fixed affine map."""
     for node in view.graph.node:
         if _is_bn(node):
             aff = bn_affine(view, node)
@@ -108,12 +108,13 @@ def _used_names(model: onnx.ModelProto) -> set[str]:
 
 
 def _to_inference_mode(model: onnx.ModelProto) -> None:
-    """Set training-mode BNs to inference mode where nothing reads their running statistics."""
+    """Set training-mode BNs to inference mode where nothing reads their running statistics.
+    (Per-activation BN, opset < 9 spatial=0, is not a training mode: it stays.)"""
     used, opset = _used_names(model), default_opset(model)
     for graph in _graphs(model.graph):
         for node in graph.node:
-            if (_is_bn(node) and training_reason(node, opset) and not (opset < 9 and node.attribute
-                    and any(a.name == "spatial" and a.i == 0 for a in node.attribute))
+            if (_is_bn(node) and training_reason(node, opset)
+                    and not (opset < 9 and attr(node, "spatial", 1) == 0)
                     and not used.intersection(o for o in node.output[1:] if o)):
                 set_inference_mode(node)
 
