@@ -5,7 +5,6 @@ Only this module prints. The report goes to stderr, so stdout stays clean for pi
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 
@@ -13,8 +12,7 @@ import click
 import onnx
 
 from bnfold import __version__
-from bnfold.cli_common import (ReportsErrors, check_writable, emit, output_path,
-                               progress_reporter)
+from bnfold.cli_common import ReportsErrors, check_writable, emit, load_job, progress_reporter
 from bnfold.errors import BadInput
 from bnfold.fold import fold, to_inference_mode
 from bnfold.io import load, save, staged
@@ -84,13 +82,8 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
     (or with --no-verify or --force).
     """
     sizes = _parse_dims(dims)
-    output = output_path(input_path, output, in_place, dry_run)
-    for path in (json_path, None if dry_run else output):
-        if path:
-            check_writable(path)
-    progress = progress_reporter(quiet)
-    base_dir = os.path.dirname(os.path.abspath(input_path))
-    model = load(input_path, progress=progress)
+    output, progress, base_dir, model = load_job(input_path, output, in_place, dry_run,
+                                                 json_path, quiet)
     progress("folding")
     had_external_data = any(t.data_location == onnx.TensorProto.EXTERNAL
                             for t in model.graph.initializer)

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import click
 
 from bnfold.errors import BadInput, BnfoldError, VerificationFailed, one_line
-from bnfold.io import staged
+from bnfold.io import load, staged
 from bnfold.report import FoldReport, VerifyReport
 
 
@@ -77,3 +77,16 @@ def emit(report: FoldReport | VerifyReport, json_path: str | None, quiet: bool) 
             json.dump(report.to_dict(), f, indent=2)
     if not quiet:
         click.echo(report.to_text(), err=True)
+
+
+def load_job(input_path: str, output: str | None, in_place: bool, dry_run: bool,
+             json_path: str | None, quiet: bool):
+    """Check where results go before any work, then load INPUT (its external data stays on
+    disk): (output path or None, progress reporter, INPUT's directory, model)."""
+    output = output_path(input_path, output, in_place, dry_run)
+    for path in (json_path, None if dry_run else output):
+        if path:
+            check_writable(path)
+    progress = progress_reporter(quiet)
+    base_dir = os.path.dirname(os.path.abspath(input_path))
+    return output, progress, base_dir, load(input_path, progress=progress)

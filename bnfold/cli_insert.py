@@ -13,8 +13,7 @@ import os
 import click
 import onnx
 
-from bnfold.cli_common import (ReportsErrors, check_writable, emit, output_path,
-                               progress_reporter)
+from bnfold.cli_common import ReportsErrors, check_writable, emit, load_job
 from bnfold.errors import BadInput, one_line
 from bnfold.insert import PRESETS, insert
 from bnfold.inspect import inspect
@@ -97,13 +96,8 @@ def insert_command(input_path: str, output: str | None, in_place: bool, after: t
         raise BadInput(f"--identity chooses the initial values itself: drop {', '.join(given)}")
     if output is None and not in_place:
         raise BadInput("no output: give -o OUTPUT or --in-place")
-    output = output_path(input_path, output, in_place, False)
-    for path in (json_path, output):
-        if path:
-            check_writable(path)
-    progress = progress_reporter(quiet)
-    base_dir = os.path.dirname(os.path.abspath(input_path))
-    model = load(input_path, progress=progress)
+    output, progress, base_dir, model = load_job(input_path, output, in_place, False,
+                                                 json_path, quiet)
     progress("inserting")
     result, report = insert(
         model, after=after, ops=ops, all_layers=all_layers, before_activation=before_activation,
