@@ -144,15 +144,23 @@ class _FoldRun:
         while progress:  # to a fixpoint: a fold can make another batch norm foldable
             progress = False
             view = self.view(graph, outer, path)
-            for aff in _batch_norms(view):
+            # Plans are computed on this scan's view; one that meets a value next to an earlier
+            # rewrite of the scan waits for the next scan, on a fresh view.
+            dirty: set[str] = set()
+            for aff in list(_batch_norms(view)):
                 if isinstance(aff, tuple):  # (node, op, reason): not a fixed affine map
                     node, op, reason = aff
                     kept[node.output[0]] = (display_name(node), op, None, reason)
+                    continue
+                if dirty & {n for node in aff.nodes for n in (*node.input, *node.output)}:
                     continue
                 result = self._plan(view, aff)
                 if isinstance(result, str):
                     kept[aff.y] = (aff.name, aff.op, aff, result)
                     continue
+                if dirty & result.values():
+                    continue
+                dirty |= result.values()
                 kept.pop(aff.y, None)
                 spill = self.spill if view.is_main else None  # save streams the main graph's
                 Rewriter(view, self.names, self.touched, self.dropped, spill).apply(result)
@@ -161,7 +169,6 @@ class _FoldRun:
                     into=display_name(result.into), graph=path, op=aff.op))
                 del result  # its new weights are in the model now: not twice in memory
                 progress = True
-                break
         view = self.view(graph, outer, path)
         for name, op, aff, reason in kept.values():
             if aff is not None and op == "affine" and len(aff.nodes) < 2:

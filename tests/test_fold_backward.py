@@ -18,6 +18,7 @@ from builders import (
     BN,
     NP_DTYPE,
     GraphBuilder,
+    affine_chain,
     assert_no_less_accurate,
     assert_rounded_from,
     bn_affine,
@@ -453,3 +454,38 @@ def test_weight_read_twice_by_the_same_gemm_is_not_scaled_in_place():
     assert count_ops(folded) == Counter(Gemm=1)
     gemm = find_node(folded, "Gemm")
     assert gemm.input[1] != gemm.input[2]
+
+
+def test_two_bns_folding_into_the_same_conv_in_one_scan():
+    # bn_b folds forward into conv2 and bn_c backward into it: planned on the same view, the
+    # second plan would rewrite conv2 from stale weights; it must wait for a fresh view.
+    b = GraphBuilder(seed=11)
+    x = b.input("x", ["batch", 3, 9, 7])
+    y = b.node("Conv", [x, b.weight("conv1_W", [4, 3, 3, 3])], name="conv1", kernel_shape=[3, 3])
+    y = b.node("Relu", [b.bn(y, 4, name="bn_a")], name="relu")
+    y = b.bn(y, 4, name="bn_b")
+    y = b.node("Conv", [y, b.weight("conv2_W", [6, 4, 1, 1])], name="conv2", kernel_shape=[1, 1])
+    b.output(b.bn(y, 6, name="bn_c", out="y"))
+    model = b.build()
+    folded, report = fold_checked(model)
+    assert folds(report) == [("bn_a", "backward", "conv1"), ("bn_b", "forward", "conv2"),
+                             ("bn_c", "backward", "conv2")]
+    assert count_ops(folded) == Counter(Conv=2, Relu=1)
+
+
+def test_a_plan_reaching_a_layer_rewritten_earlier_in_the_scan_waits_for_a_fresh_view():
+    # BN nodes are tried before affine chains: bn folds backward into fc first; the chain two
+    # nodes upstream (through the Flatten) then plans a forward fold into the same fc.
+    b = GraphBuilder(seed=12)
+    x = b.input("x", ["batch", 3, 4, 5])
+    y = b.node("Relu", [x], name="relu")
+    y = affine_chain(b, y, ("Mul", "Add"), (1, 3, 1, 1), name="chain")
+    y = b.node("Flatten", [y], name="flatten")
+    y = b.node("Gemm", [y, b.weight("fc_W", [60, 7])], name="fc")
+    b.output(b.bn(y, 7, name="bn", out="y"))
+    model = b.build()
+    folded, report = fold_checked(model)
+    assert sorted((d.node, d.direction, d.into) for d in report.folded) == [
+        ("bn", "backward", "fc"), ("chain_mul0", "forward", "fc")]
+    assert count_ops(folded) == Counter(Relu=1, Flatten=1, Gemm=1)
+

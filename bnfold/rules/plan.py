@@ -33,6 +33,14 @@ class Plan:
     def set_tensor(self, node: onnx.NodeProto, index: int, values: np.ndarray, role: str) -> None:
         self.tensors.append((node, index, values, role))
 
+    def values(self) -> set[str]:
+        """Every tensor name next to a node this plan changes or removes."""
+        nodes = [self.into, *self.remove] + [n for n, *_ in self.tensors + self.attributes
+                                             + self.rewire + self.outputs]
+        if self.add_bias is not None:
+            nodes.append(self.add_bias[0])
+        return {name for n in nodes for name in (*n.input, *n.output) if name}
+
 
 def fill(tensor: onnx.TensorProto, values: np.ndarray, spill: Spill | None = None) -> None:
     """Make `tensor` (name and doc kept) hold `values`: in memory, or in the spill file."""
