@@ -15,15 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from bnfold.graph import GraphView, attr, display_name
-
-_FLOAT_TYPES = {
-    onnx.TensorProto.FLOAT: np.float32,
-    onnx.TensorProto.DOUBLE: np.float64,
-    onnx.TensorProto.FLOAT16: np.float16,
-    onnx.TensorProto.BFLOAT16: ml_dtypes.bfloat16,
-}
-
+from bnfold.graph import FLOAT_TYPES, GraphView, attr, display_name
 
 @dataclass
 class Affine:
@@ -101,7 +93,7 @@ def bn_affine(view: GraphView, node: onnx.NodeProto) -> Affine | str:
 
 def cast_to(values: np.ndarray, data_type: int) -> np.ndarray | str:
     """`values` (float64) in the ONNX element type `data_type`, or why that is not exact enough."""
-    np_type = _FLOAT_TYPES.get(data_type)
+    np_type = FLOAT_TYPES.get(data_type)
     if np_type is None:
         return f"weight type {helper.tensor_dtype_to_string(data_type)} is not a float type"
     # max and min propagate NaN and need no temporary as large as the weight

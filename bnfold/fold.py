@@ -13,14 +13,13 @@ from onnx import helper
 
 from bnfold.affine import Affine, bn_affine, cast_to, set_inference_mode, training_reason
 from bnfold.errors import BadInput
-from bnfold.graph import (GraphView, NameAllocator, Scope, attr, default_opset, display_name,
-                          infer_shapes, remove_where, subgraphs)
+from bnfold.graph import (MIN_OPSET, GraphView, NameAllocator, Scope, attr, default_opset,
+                          display_name, graphs, infer_shapes, is_external, remove_where,
+                          subgraphs)
 from bnfold.report import Decision, FoldReport, ModelStats
 from bnfold.rules import RULES
 from bnfold.rules.chains import chain_affine, chain_heads, remove_noop_casts
 from bnfold.rules.plan import Plan, Rewriter, Spill, fill
-
-MIN_OPSET = 7
 
 
 def fold(model: onnx.ModelProto, *, base_dir: str | None = None,
@@ -60,7 +59,7 @@ def to_inference_mode(model: onnx.ModelProto) -> onnx.ModelProto:
 def model_stats(model: onnx.ModelProto) -> ModelStats:
     """Node and parameter counts, subgraphs included; reads no tensor data."""
     nodes = parameters = 0
-    for graph in _graphs(model.graph):
+    for graph in graphs(model.graph):
         nodes += len(graph.node)
         parameters += sum(math.prod(t.dims) for t in graph.initializer)
         for node in graph.node:
@@ -73,13 +72,6 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     return copy
-
-
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for _, sub in subgraphs(node):
-            yield from _graphs(sub)
 
 
 def _batch_norms(view: GraphView):
@@ -100,7 +92,7 @@ def _is_bn(node: onnx.NodeProto) -> bool:
 
 def _used_names(model: onnx.ModelProto) -> set[str]:
     used: set[str] = set()
-    for graph in _graphs(model.graph):
+    for graph in graphs(model.graph):
         used.update(o.name for o in graph.output)
         for node in graph.node:
             used.update(node.input)
@@ -111,7 +103,7 @@ def _to_inference_mode(model: onnx.ModelProto) -> None:
     """Set training-mode BNs to inference mode where nothing reads their running statistics.
     (Per-activation BN, opset < 9 spatial=0, is not a training mode: it stays.)"""
     used, opset = _used_names(model), default_opset(model)
-    for graph in _graphs(model.graph):
+    for graph in graphs(model.graph):
         for node in graph.node:
             if (_is_bn(node) and training_reason(node, opset)
                     and not (opset < 9 and attr(node, "spatial", 1) == 0)
@@ -130,7 +122,7 @@ class _FoldRun:
         self.touched: set[str] = set()
         self.dropped: set[str] = set()
         if spill is None:
-            spill = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+            spill = any(is_external(t) for t in model.graph.initializer)
         self.spill = Spill() if spill else None
 
     def view(self, graph: onnx.GraphProto, outer: Scope | None, path: str) -> GraphView:
@@ -178,10 +170,9 @@ class _FoldRun:
                 action = "lowered" if self._lower(view, aff) else "kept"
             self.report.decisions.append(Decision(node=name, action=action, reason=reason,
                                                   graph=path, op=op))
-        scope = self.view(graph, outer, path).scope
-        for node in graph.node:
+        for node in graph.node:  # (lowering only added names no subgraph can read)
             for attr_name, sub in subgraphs(node):
-                self.fold_graph(sub, scope, f"{path}/{display_name(node)}:{attr_name}")
+                self.fold_graph(sub, view.scope, f"{path}/{display_name(node)}:{attr_name}")
 
     @staticmethod
     def _plan(view: GraphView, aff: Affine) -> Plan | str:
@@ -224,26 +215,26 @@ class _FoldRun:
         """Remove the constants and value_info entries the rewrites left without a reader."""
         while True:  # a removed node's inputs may have lost their last reader too
             dead = self.touched - _used_names(self.model)
-            for graph in _graphs(self.model.graph):
+            for graph in graphs(self.model.graph):
                 for node in graph.node:
                     if _is_pure(node) and set(node.output) <= dead:
                         self.touched.update(n for n in node.input if n)
             if not self._remove(dead):
                 break
         produced: set[str] = set()
-        for graph in _graphs(self.model.graph):
+        for graph in graphs(self.model.graph):
             produced.update(i.name for i in graph.input)
             produced.update(t.name for t in graph.initializer)
             for node in graph.node:
                 produced.update(node.output)
-        for graph in _graphs(self.model.graph):
+        for graph in graphs(self.model.graph):
             remove_where(graph.value_info,
                           lambda v: v.name in self.dropped and v.name not in produced)
 
     def _remove(self, dead: set[str]) -> int:
         """Remove dead initializers and the pure nodes computing only dead values; the count."""
         removed = 0
-        for graph in _graphs(self.model.graph):
+        for graph in graphs(self.model.graph):
             is_legacy_main = graph is self.model.graph and self.model.ir_version < 4
             interface = set() if is_legacy_main else {i.name for i in graph.input}
             doomed = dead - interface

@@ -6,13 +6,24 @@ it indexes names, it never copies tensor data).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import os
+from dataclasses import dataclass, field
 from typing import Iterator
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+MIN_OPSET = 7  # BN-6 and older (is_test, consumed_inputs) are not read or written
+
+# The float element types bnfold computes with, and their numpy types.
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.BFLOAT16: ml_dtypes.bfloat16,
+}
 
 # Largest initializer (in elements) copied into the model used for shape inference.
 _SHAPE_DATA_LIMIT = 4096
@@ -45,6 +56,14 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
         elif a.type == onnx.AttributeProto.GRAPHS:
             for i, g in enumerate(a.graphs):
                 yield f"{a.name}[{i}]", g
+
+
+def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """`graph` and every subgraph in it, at any depth."""
+    yield graph
+    for node in graph.node:
+        for _, sub in subgraphs(node):
+            yield from graphs(sub)
 
 
 def free_names(graph: onnx.GraphProto) -> set[str]:
@@ -121,7 +140,7 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, in
         light = g.initializer.add()
         light.name, light.data_type = t.name, t.data_type
         light.dims.extend(t.dims)
-        if int(np.prod(t.dims)) <= _SHAPE_DATA_LIMIT and not _is_external(t):
+        if int(np.prod(t.dims)) <= _SHAPE_DATA_LIMIT and not is_external(t):
             light.CopyFrom(t)
     listed = {i.name for i in g.input}
     for t in model.graph.initializer:  # give every initializer a type for inference
@@ -161,7 +180,7 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, in
     return shapes, types
 
 
-def _is_external(t: onnx.TensorProto) -> bool:
+def is_external(t: onnx.TensorProto) -> bool:
     return t.data_location == onnx.TensorProto.EXTERNAL
 
 
@@ -169,7 +188,7 @@ def tensor_value(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
     """A tensor's value, its data read from external files when it has any. onnx refuses
     absolute locations; bnfold writes them itself for weights it spilled to disk."""
     info = {e.key: e.value for e in tensor.external_data}
-    if not _is_external(tensor) or not os.path.isabs(info.get("location", "")):
+    if not is_external(tensor) or not os.path.isabs(info.get("location", "")):
         return numpy_helper.to_array(tensor, base_dir)
     header = onnx.TensorProto()
     header.CopyFrom(tensor)

@@ -21,11 +21,10 @@ from onnx import helper, numpy_helper
 
 from bnfold.dense import DENSE_OPS, Layer, find_layers
 from bnfold.errors import BadInput, VerificationFailed, one_line
-from bnfold.graph import NameAllocator, default_opset, rename_uses
+from bnfold.graph import FLOAT_TYPES, MIN_OPSET, NameAllocator, default_opset, rename_uses
 from bnfold.report import VerifyReport
 from bnfold.verify import verify
 
-MIN_OPSET = 7  # BN-6 and older (is_test, consumed_inputs) are not written
 TRAINING_OPSET = 15  # training_mode (14) with running statistics typed apart from X (15)
 
 PRESETS = {  # (epsilon, momentum in the ONNX convention)
@@ -33,8 +32,6 @@ PRESETS = {  # (epsilon, momentum in the ONNX convention)
     "torch": (1e-5, 0.9),  # torch's momentum 0.1
 }
 
-_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-                onnx.TensorProto.BFLOAT16)
 _MAX_LISTED = 30  # candidates named in a "matches nothing" error
 
 
@@ -219,7 +216,7 @@ def _check(layer: Layer) -> None:
     if layer.rank < 2:
         raise BadInput(f"{where}: its output has rank {layer.rank}; BatchNormalization needs a "
                        f"batch axis and a feature axis")
-    if layer.dtype not in _FLOAT_TYPES:
+    if layer.dtype not in FLOAT_TYPES:
         kind = onnx.TensorProto.DataType.Name(layer.dtype) if layer.dtype else "unknown"
         raise BadInput(f"{where}: element type {kind} cannot be batch-normalized")
 

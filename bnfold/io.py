@@ -21,8 +21,8 @@ from google.protobuf.message import DecodeError, Message
 from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model
 
 from bnfold.errors import BadInput
+from bnfold.graph import MIN_OPSET, is_external
 
-MIN_OPSET = 7
 _PROTOBUF_LIMIT = 2**31 - 1  # protobuf cannot serialize or parse a message larger than this
 _CHUNK = 64 << 20  # bytes copied at a time from an input's external data
 _EXTERNAL_THRESHOLD = 1024  # in-memory tensors larger than this go to the sidecar too
@@ -56,7 +56,7 @@ def load(path: str | os.PathLike, *, load_external_data: bool = False, check: bo
         raise BadInput(f"{path}: unsupported opset {opset} "
                        f"(bnfold supports {MIN_OPSET}..{onnx.defs.onnx_opset_version()})")
     for t in _tensors(model):
-        if _is_external(t):
+        if is_external(t):
             _check_external(path, base_dir, t)
     if check:
         if progress:
@@ -79,7 +79,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, base_dir: str | Non
     path = os.fspath(path)
     external = external_data
     if external is None:
-        external = any(_is_external(t) and not _is_spilled(t) for t in _tensors(model))
+        external = any(is_external(t) and not _is_spilled(t) for t in _tensors(model))
     if not external and not _too_large(model):
         with _atomic_write(path) as f:
             _write_inline(model, f)
@@ -146,7 +146,7 @@ def _check(model: onnx.ModelProto, path: str, sizes: list[int]) -> None:
     checked here.
     """
     main = {id(t) for t in model.graph.initializer}
-    if any(_is_external(t) and id(t) not in main for t in _tensors(model)):
+    if any(is_external(t) and id(t) not in main for t in _tensors(model)):
         shell = path  # external data in subgraphs: let the checker read the file itself
     else:
         shell = onnx.ModelProto()
@@ -157,7 +157,7 @@ def _check(model: onnx.ModelProto, path: str, sizes: list[int]) -> None:
                      for t in model.graph.initializer]
         for t, size in zip(model.graph.initializer, sizes):
             header = shell.graph.initializer.add()
-            if _is_external(t):  # its file and length were checked by _check_external
+            if is_external(t):  # its file and length were checked by _check_external
                 _copy_fields(t, header, skip="external_data")
                 header.data_location = onnx.TensorProto.DEFAULT
             elif size > _EXTERNAL_THRESHOLD:
@@ -181,7 +181,7 @@ def _check(model: onnx.ModelProto, path: str, sizes: list[int]) -> None:
 def _is_spilled(t: onnx.TensorProto) -> bool:
     """Written to a scratch file by the fold pass (absolute location): data of this model, held
     on disk instead of in memory, not data the model shares with other files."""
-    return _is_external(t) and os.path.isabs(ExternalDataInfo(t).location)
+    return is_external(t) and os.path.isabs(ExternalDataInfo(t).location)
 
 
 def _write_inline(model: onnx.ModelProto, out: BinaryIO) -> None:
@@ -252,10 +252,6 @@ def _varint_bytes(value: int) -> bytes:
         out.append(byte | (0x80 if value else 0))
         if not value:
             return bytes(out)
-
-
-def _is_external(t: onnx.TensorProto) -> bool:
-    return t.data_location == onnx.TensorProto.EXTERNAL
 
 
 def _tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
@@ -431,7 +427,7 @@ def _externalized(model: onnx.ModelProto, out: BinaryIO, location: str,
         opened: dict[str, BinaryIO] = {}
         for source, target in moves:
             offset = out.tell()
-            if _is_external(source):
+            if is_external(source):
                 info = ExternalDataInfo(source)
                 file = os.path.join(base_dir, info.location)
                 if file not in opened:

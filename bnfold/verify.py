@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
 from bnfold.errors import BadInput, one_line
+from bnfold.graph import FLOAT_TYPES, graphs
 from bnfold.report import OutputComparison, VerifyReport
 
 Model = onnx.ModelProto | str | os.PathLike
@@ -36,7 +37,6 @@ _TOLERANCES = {
     np.dtype(np.float32): (1e-5, 1e-4),
     np.dtype(np.float64): (1e-10, 1e-8),
 }
-_FLOAT_TYPES = {TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.FLOAT, TensorProto.DOUBLE}
 _PROVIDERS = ["CPUExecutionProvider"]
 _PROTOBUF_LIMIT = 2**31 - 1  # a ModelProto larger than this cannot be serialised to bytes
 _EXTERNAL_DIR_KEY = "session.model_external_initializers_file_folder_path"
@@ -143,7 +143,7 @@ def _interface(model: Model) -> _Interface:
     initialized = {t.name for t in graph.initializer}
     initialized |= {t.values.name for t in graph.sparse_initializer}
     dims: set[int] = set()
-    for g in _graphs(graph):
+    for g in graphs(graph):
         for vi in (*g.input, *g.output, *g.value_info):
             dims.update(d for d in _value(vi).shape or () if isinstance(d, int))
         dims.update(d for t in g.sparse_initializer for d in t.dims)
@@ -170,18 +170,8 @@ def _value(vi: onnx.ValueInfoProto) -> _Value:
     return _Value(vi.name, type_text, tensor.elem_type, shape)
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _graphs(attr.g)
-            for g in attr.graphs:
-                yield from _graphs(g)
-
-
 def _tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
-    for g in _graphs(model.graph):
+    for g in graphs(model.graph):
         yield from g.initializer
         for sparse in g.sparse_initializer:
             yield from (sparse.values, sparse.indices)
@@ -276,7 +266,7 @@ def _random_feeds(
             d if isinstance(d, int) else sizes[f"{v.name}[{axis}]" if d is None else d]
             for axis, d in enumerate(v.shape)
         ]
-        if v.elem_type in _FLOAT_TYPES:
+        if v.elem_type in FLOAT_TYPES:
             feeds[v.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype == np.bool_:
             feeds[v.name] = rng.integers(0, 2, shape).astype(dtype)

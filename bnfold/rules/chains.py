@@ -13,12 +13,10 @@ import numpy as np
 import onnx
 
 from bnfold.affine import Affine
-from bnfold.graph import GraphView, attr, display_name, remove_where, rename_uses, subgraphs
+from bnfold.graph import FLOAT_TYPES, GraphView, attr, display_name, remove_where, rename_uses, subgraphs
 from bnfold.rules.layer import LINEAR_OPS
 
 AFFINE_OPS = ("Add", "Sub", "Mul", "Div")
-_FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-           onnx.TensorProto.BFLOAT16)
 
 
 def affine_step(view: GraphView, node: onnx.NodeProto) -> tuple[int, np.ndarray] | None:
@@ -30,7 +28,7 @@ def affine_step(view: GraphView, node: onnx.NodeProto) -> tuple[int, np.ndarray]
     if len(constant) != 1 or (node.op_type == "Div" and constant[0] == 0):
         return None
     index = constant[0]
-    if view.elem_type(node.input[1 - index]) not in _FLOATS:
+    if view.elem_type(node.input[1 - index]) not in FLOAT_TYPES:
         return None
     return index, np.asarray(values[index])
 
