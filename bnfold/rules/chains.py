@@ -54,9 +54,10 @@ def chain_heads(view: GraphView) -> list[onnx.NodeProto]:
 def chain_affine(view: GraphView, head: onnx.NodeProto) -> Affine | str:
     """The affine map of the chain starting at `head`, or why it is not one we can fold."""
     scale, shift = np.ones(()), np.zeros(())
-    nodes, params, node = [], [], head
+    nodes, params, node, step = [], [], head, affine_step(view, head)
+    x = head.input[1 - step[0]]
     while True:
-        index, c = affine_step(view, node)
+        index, c = step
         if node.op_type == "Div" and np.any(c == 0):
             return f"{display_name(node)} divides by a constant containing zero"
         c = c.astype(np.float64)
@@ -75,7 +76,7 @@ def chain_affine(view: GraphView, head: onnx.NodeProto) -> Affine | str:
         if step is None or after.input[1 - step[0]] != node.output[0]:
             break
         node = after
-    x, y = head.input[1 - affine_step(view, head)[0]], nodes[-1].output[0]
+    y = nodes[-1].output[0]
     rank = view.rank(x)
     if rank is None and max(scale.ndim, shift.ndim) > 1:
         return f"rank of {x} is unknown, so the axis of the constants is unknown"
