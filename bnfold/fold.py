@@ -21,6 +21,10 @@ from bnfold.rules import RULES
 from bnfold.rules.chains import chain_affine, chain_heads, remove_noop_casts
 from bnfold.rules.plan import Plan, Rewriter, Spill, fill
 
+# How far from a batch norm the rules look: back to Linear -> [bias Add] -> Transpose -> [bias
+# Add], forward to Transpose/Flatten -> Linear -> bias Add.
+_RULE_REACH = 3
+
 
 def fold(model: onnx.ModelProto, *, base_dir: str | None = None,
          allow_initializer_inputs: bool = False, training_to_inference: bool = False,
@@ -86,6 +90,18 @@ def _batch_norms(view: GraphView):
         yield (head, "affine", aff) if isinstance(aff, str) else aff
 
 
+def _values_near(view: GraphView, nodes: list[onnx.NodeProto], hops: int = _RULE_REACH) -> set[str]:
+    """Every value of the nodes within `hops` nodes of `nodes`, upstream or downstream."""
+    seen = {id(n): n for n in nodes}
+    frontier = list(nodes)
+    for _ in range(hops):
+        near = [view.producer.get(name) for n in frontier for name in n.input]
+        near += [user for n in frontier for name in n.output for user in view.users(name)]
+        frontier = [n for n in near if n is not None and id(n) not in seen]
+        seen.update((id(n), n) for n in frontier)
+    return {name for n in seen.values() for name in (*n.input, *n.output) if name}
+
+
 def _is_bn(node: onnx.NodeProto) -> bool:
     return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
 
@@ -144,13 +160,11 @@ class _FoldRun:
                     node, op, reason = aff
                     kept[node.output[0]] = (display_name(node), op, None, reason)
                     continue
-                if dirty & {n for node in aff.nodes for n in (*node.input, *node.output)}:
-                    continue
+                if dirty and dirty & _values_near(view, aff.nodes):
+                    continue  # what the rules read here may be stale: even a refusal
                 result = self._plan(view, aff)
                 if isinstance(result, str):
                     kept[aff.y] = (aff.name, aff.op, aff, result)
-                    continue
-                if dirty & result.values():
                     continue
                 dirty |= result.values()
                 kept.pop(aff.y, None)

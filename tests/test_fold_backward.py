@@ -489,3 +489,22 @@ def test_a_plan_reaching_a_layer_rewritten_earlier_in_the_scan_waits_for_a_fresh
         ("bn", "backward", "fc"), ("chain_mul0", "forward", "fc")]
     assert count_ops(folded) == Counter(Relu=1, Flatten=1, Gemm=1)
 
+
+
+def test_a_refusal_planned_on_a_stale_view_is_not_taken_for_an_answer():
+    # `up` folds forward into fc1 and gives it a new bias input; `down`, planned on the same
+    # scan's view, would read that bias as not constant, refuse the backward fold and fold
+    # forward into fc2 instead. It must wait for a fresh view and fold backward into fc1
+    # (whose bias Add then merges into the Gemm's own bias).
+    b = GraphBuilder(seed=13)
+    x = b.node("Relu", [b.input("x", ["batch", 5])], name="relu0")
+    y = affine_chain(b, x, ("Mul", "Add"), (1, 5), name="up")
+    y = b.node("Gemm", [y, b.weight("fc1_W", [5, 6])], name="fc1")
+    y = b.node("Add", [y, b.weight("fc1_bias", [6], fan_in=1)], name="fc1_add")  # fc1's bias
+    y = affine_chain(b, y, ("Sub", "Mul"), (1, 6), name="down")  # two nodes away from fc1
+    b.output(b.node("Gemm", [y, b.weight("fc2_W", [6, 3])], name="fc2", outputs=["y"]))
+    model = b.build()
+    folded, report = fold_checked(model)
+    assert sorted((d.node, d.direction, d.into) for d in report.folded) == [
+        ("down_sub0", "backward", "fc1"), ("up_mul0", "forward", "fc1")]
+    assert count_ops(folded) == Counter(Relu=1, Gemm=2)
