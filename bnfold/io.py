@@ -149,9 +149,7 @@ def _check(model: onnx.ModelProto, path: str, sizes: list[int]) -> None:
     if any(is_external(t) and id(t) not in main for t in _tensors(model)):
         shell = path  # external data in subgraphs: let the checker read the file itself
     else:
-        shell = onnx.ModelProto()
-        _copy_fields(model, shell, skip="graph")
-        _copy_fields(model.graph, shell.graph, skip="initializer")
+        shell = _without_initializers(model)
         if len(sizes) != len(model.graph.initializer):  # an unusual layout: read them back
             sizes = [len(t.raw_data) if t.HasField("raw_data") else -1
                      for t in model.graph.initializer]
@@ -192,31 +190,27 @@ def _write_inline(model: onnx.ModelProto, out: BinaryIO) -> None:
     same model: the weights are never copied into one serialized buffer, and spilled weights
     are copied from their scratch file.
     """
-    rest = onnx.ModelProto()
-    _copy_fields(model, rest, skip="graph")
-    graph = onnx.GraphProto()
-    _copy_fields(model.graph, graph, skip="initializer")
-    entries = []  # (tensor, its header, the byte count of its data)
+    shell = _without_initializers(model)
+    parts = []  # (tensor, its serialized header, the byte count of the data that follows it)
     for t in model.graph.initializer:
         header = onnx.TensorProto()
         if _is_spilled(t):
             _copy_fields(t, header, skip="external_data")
             header.ClearField("data_location")
-            entries.append((t, header, int(ExternalDataInfo(t).length)))
+            parts.append((t, header.SerializeToString(), int(ExternalDataInfo(t).length)))
         elif t.HasField("raw_data") and _itemsize(t.data_type):
             _copy_fields(t, header, skip="raw_data")
-            entries.append((t, header, math.prod(t.dims) * _itemsize(t.data_type)))
-        else:
-            entries.append((t, t, 0))
-    sized = []
-    for t, header, length in entries:
-        head = header.SerializeToString()
-        data_field = _field(_RAW_DATA, length) if header is not t else b""
-        sized.append((t, head, data_field, length if header is not t else 0))
+            parts.append((t, header.SerializeToString(),
+                          math.prod(t.dims) * _itemsize(t.data_type)))
+        else:  # typed fields or strings: small, written whole
+            parts.append((t, t.SerializeToString(), None))
+    sized = [(t, head, b"" if n is None else _field(_RAW_DATA, n), n or 0)
+             for t, head, n in parts]
     body = sum(len(_field(_INITIALIZER, len(h) + len(f) + n)) + len(h) + len(f) + n
                for _, h, f, n in sized)
-    graph_bytes = graph.SerializeToString()
-    out.write(rest.SerializeToString())
+    graph_bytes = shell.graph.SerializeToString()
+    shell.ClearField("graph")
+    out.write(shell.SerializeToString())
     out.write(_field(_GRAPH, len(graph_bytes) + body))
     out.write(graph_bytes)
     buffer = memoryview(bytearray(_CHUNK))
@@ -411,9 +405,7 @@ def _externalized(model: onnx.ModelProto, out: BinaryIO, location: str,
     The copy is built without the data of the main graph's initializers (the bulk of any large
     model): their bytes go straight from `model`, or from its external files, to `out`.
     """
-    shell = onnx.ModelProto()
-    _copy_fields(model, shell, skip="graph")
-    _copy_fields(model.graph, shell.graph, skip="initializer")
+    shell = _without_initializers(model)
     moves = []
     for t in model.graph.initializer:
         header = shell.graph.initializer.add()
@@ -445,6 +437,14 @@ def _externalized(model: onnx.ModelProto, out: BinaryIO, location: str,
             target.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", location), ("offset", offset), ("length", length)):
                 target.external_data.add(key=key, value=str(value))
+    return shell
+
+
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` but for its main graph's initializers (the bulk of a large model)."""
+    shell = onnx.ModelProto()
+    _copy_fields(model, shell, skip="graph")
+    _copy_fields(model.graph, shell.graph, skip="initializer")
     return shell
 
 
