@@ -66,7 +66,7 @@ def find_layers(model: onnx.ModelProto, ops=DENSE_OPS) -> list[Layer]:
     if unknown:
         raise BadInput(f"unknown layer op {', '.join(unknown)}: choose from {', '.join(LAYER_OPS)}")
     shapes, types = infer_shapes(model)
-    view = GraphView(model, model.graph, outer=None, path="main", base_dir=None,
+    view = GraphView(model, model.graph, outer=None, base_dir=None,
                      allow_initializer_inputs=True, shapes=shapes, types=types,
                      names=NameAllocator(model))
     layers = [layer for node in model.graph.node

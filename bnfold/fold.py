@@ -141,8 +141,8 @@ class _FoldRun:
             spill = any(is_external(t) for t in model.graph.initializer)
         self.spill = Spill() if spill else None
 
-    def view(self, graph: onnx.GraphProto, outer: Scope | None, path: str) -> GraphView:
-        return GraphView(self.model, graph, outer=outer, path=path, base_dir=self.base_dir,
+    def view(self, graph: onnx.GraphProto, outer: Scope | None) -> GraphView:
+        return GraphView(self.model, graph, outer=outer, base_dir=self.base_dir,
                          allow_initializer_inputs=self.allow_initializer_inputs,
                          shapes=self.shapes, types=self.types, names=self.names)
 
@@ -151,7 +151,7 @@ class _FoldRun:
         progress = True
         while progress:  # to a fixpoint: a fold can make another batch norm foldable
             progress = False
-            view = self.view(graph, outer, path)
+            view = self.view(graph, outer)
             # Plans are computed on this scan's view; one that meets a value next to an earlier
             # rewrite of the scan waits for the next scan, on a fresh view.
             dirty: set[str] = set()
@@ -175,7 +175,7 @@ class _FoldRun:
                     into=display_name(result.into), graph=path, op=aff.op))
                 del result  # its new weights are in the model now: not twice in memory
                 progress = True
-        view = self.view(graph, outer, path)
+        view = self.view(graph, outer)
         for name, op, aff, reason in kept.values():
             if aff is not None and op == "affine" and len(aff.nodes) < 2:
                 continue  # a lone Add or Mul by a constant that stays is not worth a line

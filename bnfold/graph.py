@@ -231,9 +231,9 @@ class GraphView:
     """Index of one graph, with access to constants of the enclosing scopes."""
 
     def __init__(self, model: onnx.ModelProto, graph: onnx.GraphProto, *, outer: Scope | None,
-                 path: str, base_dir: str | None, allow_initializer_inputs: bool,
+                 base_dir: str | None, allow_initializer_inputs: bool,
                  shapes: dict[str, tuple], types: dict[str, int], names: NameAllocator):
-        self.model, self.graph, self.path, self.names = model, graph, path, names
+        self.graph, self.names = graph, names
         self.base_dir = base_dir or ""
         self.shapes, self.types = shapes, types
         self.is_main = outer is None

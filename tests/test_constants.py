@@ -28,7 +28,7 @@ OPSETS = (15, 17, 21)
 def make_view(model: onnx.ModelProto) -> GraphView:
     """The view the fold pass builds for the main graph."""
     shapes, types = infer_shapes(model)
-    return GraphView(model, model.graph, outer=None, path="main", base_dir=None,
+    return GraphView(model, model.graph, outer=None, base_dir=None,
                      allow_initializer_inputs=False, shapes=shapes, types=types,
                      names=NameAllocator(model))
 
