@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from bnfold.graph import FLOAT_TYPES, GraphView, attr, display_name
+from bnfold.graph import FLOAT_TYPES, GraphView
+from bnfold.nodes import attr, display_name
 
 @dataclass
 class Affine:

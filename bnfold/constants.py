@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from bnfold.graph import GraphView, attr
+from bnfold.nodes import attr
+
+if TYPE_CHECKING:  # graph.py reads computed constants through this module, not the reverse
+    from bnfold.graph import GraphView
 
 # Folding reads small parameter tensors: refuse to read or materialise anything larger.
 MAX_ELEMENTS = 1 << 24

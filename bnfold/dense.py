@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import onnx
 
 from bnfold.errors import BadInput
-from bnfold.graph import GraphView, NameAllocator, attr, display_name, infer_shapes
+from bnfold.graph import GraphView, NameAllocator, infer_shapes
+from bnfold.nodes import attr, display_name
 
 DENSE_OPS = ("Gemm", "MatMul")
 CONV_OPS = ("Conv", "ConvTranspose")

@@ -13,9 +13,9 @@ from onnx import helper
 
 from bnfold.affine import Affine, bn_affine, cast_to, set_inference_mode, training_reason
 from bnfold.errors import BadInput
-from bnfold.graph import (MIN_OPSET, GraphView, NameAllocator, Scope, attr, default_opset,
-                          display_name, graphs, infer_shapes, is_external, remove_where,
-                          subgraphs)
+from bnfold.graph import (MIN_OPSET, GraphView, NameAllocator, Scope, default_opset, infer_shapes,
+                          is_external, remove_where)
+from bnfold.nodes import attr, display_name, graphs, subgraphs
 from bnfold.report import Decision, FoldReport, ModelStats
 from bnfold.rules import RULES
 from bnfold.rules.chains import chain_affine, chain_heads, remove_noop_casts

@@ -15,6 +15,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from bnfold.constants import computed_constant
+from bnfold.nodes import subgraphs
+
 MIN_OPSET = 7  # BN-6 and older (is_test, consumed_inputs) are not read or written
 
 # The float element types bnfold computes with, and their numpy types.
@@ -27,43 +30,6 @@ FLOAT_TYPES = {
 
 # Largest initializer (in elements) copied into the model used for shape inference.
 _SHAPE_DATA_LIMIT = 4096
-
-
-def display_name(node: onnx.NodeProto) -> str:
-    """The name users know a node by: its name, else its first output."""
-    return node.name or (node.output[0] if node.output else node.op_type)
-
-
-def attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def set_attr(node: onnx.NodeProto, name: str, value) -> None:
-    for i, a in enumerate(node.attribute):
-        if a.name == name:
-            node.attribute[i].CopyFrom(onnx.helper.make_attribute(name, value))
-            return
-    node.attribute.append(onnx.helper.make_attribute(name, value))
-
-
-def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            yield a.name, a.g
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            for i, g in enumerate(a.graphs):
-                yield f"{a.name}[{i}]", g
-
-
-def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """`graph` and every subgraph in it, at any depth."""
-    yield graph
-    for node in graph.node:
-        for _, sub in subgraphs(node):
-            yield from graphs(sub)
 
 
 def free_names(graph: onnx.GraphProto) -> set[str]:
@@ -294,8 +260,6 @@ class GraphView:
         if node is not None and node.op_type == "Identity":  # TorchScript shares equal tensors so
             return self.constant(node.input[0])
         if node is not None and node.op_type != "Constant":  # computed from constants only?
-            from bnfold.constants import computed_constant  # (it reads leaves through us)
-
             value = computed_constant(self, name)
             return value if value is not None else f"'{name}' is not constant"
         scope = self.scope

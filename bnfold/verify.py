@@ -23,7 +23,8 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
 from bnfold.errors import BadInput, one_line
-from bnfold.graph import FLOAT_TYPES, graphs
+from bnfold.graph import FLOAT_TYPES
+from bnfold.nodes import graphs
 from bnfold.report import OutputComparison, VerifyReport
 
 Model = onnx.ModelProto | str | os.PathLike

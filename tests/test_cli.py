@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-import bnfold.cli
+import bnfold.cli.fold
 from bnfold.cli import main
 from bnfold.errors import BadInput, VerificationFailed
 
@@ -233,7 +233,7 @@ def test_dry_run_json(model_path, tmp_path):
 
 
 def test_no_verify(model_path, tmp_path, monkeypatch):
-    monkeypatch.setattr(bnfold.cli, "verify", lambda *a, **k: pytest.fail("verify was called"))
+    monkeypatch.setattr(bnfold.cli.fold, "verify", lambda *a, **k: pytest.fail("verify was called"))
     result = run("fold", model_path, "-o", tmp_path / "out.onnx", "--no-verify",
                  "--json", tmp_path / "r.json")
     assert result.exit_code == 0
@@ -255,7 +255,7 @@ def test_in_place(model_path, tmp_path):
 
 
 def test_failed_verification_writes_nothing(model_path, tmp_path, monkeypatch):
-    monkeypatch.setattr(bnfold.cli, "fold", with_changed_weight(bnfold.cli.fold))
+    monkeypatch.setattr(bnfold.cli.fold, "fold", with_changed_weight(bnfold.cli.fold.fold))
     before = snapshot(tmp_path)
     result = run("fold", model_path, "-o", tmp_path / "out.onnx", "--json", tmp_path / "r.json")
     assert result.exit_code == 1
@@ -268,7 +268,7 @@ def test_failed_verification_writes_nothing(model_path, tmp_path, monkeypatch):
 
 
 def test_failed_verification_is_reported_when_quiet(model_path, tmp_path, monkeypatch):
-    monkeypatch.setattr(bnfold.cli, "fold", with_changed_weight(bnfold.cli.fold))
+    monkeypatch.setattr(bnfold.cli.fold, "fold", with_changed_weight(bnfold.cli.fold.fold))
     result = run("fold", model_path, "-o", tmp_path / "out.onnx", "--quiet")
     assert result.exit_code == 1
     lines = result.stderr.splitlines()
@@ -278,7 +278,7 @@ def test_failed_verification_is_reported_when_quiet(model_path, tmp_path, monkey
 
 
 def test_force_writes_despite_failed_verification(model_path, tmp_path, monkeypatch):
-    monkeypatch.setattr(bnfold.cli, "fold", with_changed_weight(bnfold.cli.fold))
+    monkeypatch.setattr(bnfold.cli.fold, "fold", with_changed_weight(bnfold.cli.fold.fold))
     out = tmp_path / "out.onnx"
     result = run("fold", model_path, "-o", out, "--force")
     assert result.exit_code == 1
@@ -354,7 +354,7 @@ def test_verify_command(model_path, tmp_path, monkeypatch):
     assert same.exit_code == 0 and "verification passed" in same.stderr
     assert json.loads((tmp_path / "r.json").read_text())["passed"] is True
 
-    monkeypatch.setattr(bnfold.cli, "fold", with_changed_weight(bnfold.cli.fold))
+    monkeypatch.setattr(bnfold.cli.fold, "fold", with_changed_weight(bnfold.cli.fold.fold))
     assert run("fold", model_path, "-o", tmp_path / "bad.onnx", "--force").exit_code == 1
     differ = run("verify", model_path, tmp_path / "bad.onnx", "--dim", "batch=2")
     assert differ.exit_code == 1
@@ -410,7 +410,7 @@ def test_errors_become_one_line(model_path, tmp_path, monkeypatch, error, code, 
     def failing_fold(model, **kwargs):
         raise error
 
-    monkeypatch.setattr(bnfold.cli, "fold", failing_fold)
+    monkeypatch.setattr(bnfold.cli.fold, "fold", failing_fold)
     result = run("fold", model_path, "-o", tmp_path / "out.onnx")
     assert result.exit_code == code
     assert result.stderr == f"bnfold: error: {message}\n"

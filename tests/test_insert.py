@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from builders import GraphBuilder, count_ops, run_unoptimised, tensor_value
-from bnfold.cli_insert import insert_command
+from bnfold.cli.insert import insert_command
 from bnfold.errors import BadInput
 from bnfold.fold import fold
 from bnfold.insert import PRESETS, _identity_var, insert

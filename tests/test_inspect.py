@@ -15,7 +15,7 @@ from onnx import TensorProto
 from torch import nn
 
 from builders import GraphBuilder
-from bnfold.cli_insert import inspect_command
+from bnfold.cli.inspect import inspect_command
 from bnfold.dense import LAYER_OPS, find_layers
 from bnfold.errors import BadInput
 from bnfold.inspect import inspect

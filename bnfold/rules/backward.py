@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 
 from bnfold.affine import Affine, cast_to
-from bnfold.graph import GraphView, attr, display_name
+from bnfold.graph import GraphView
+from bnfold.nodes import attr, display_name
 from bnfold.rules.layer import LINEAR_OPS, Layer, bias_add_after, gemm_attrs, make_layer, optional_constant
 from bnfold.rules.plan import Plan
 

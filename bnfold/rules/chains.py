@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 
 from bnfold.affine import Affine
-from bnfold.graph import FLOAT_TYPES, GraphView, attr, display_name, remove_where, rename_uses, subgraphs
+from bnfold.graph import FLOAT_TYPES, GraphView, remove_where, rename_uses
+from bnfold.nodes import attr, display_name, subgraphs
 from bnfold.rules.layer import LINEAR_OPS
 
 AFFINE_OPS = ("Add", "Sub", "Mul", "Div")

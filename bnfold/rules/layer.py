@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from bnfold.graph import GraphView, attr, display_name
+from bnfold.graph import GraphView
+from bnfold.nodes import attr, display_name
 
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 

@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from bnfold.graph import GraphView, NameAllocator, display_name, set_attr
+from bnfold.graph import GraphView, NameAllocator
+from bnfold.nodes import display_name, set_attr
 
 
 @dataclass

@@ -1,9 +1,11 @@
-"""What the command-line modules share: error reporting, output paths, progress, reports."""
+"""What the commands share: error reporting, output paths, options, progress, reports."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from collections.abc import Callable
 
 import click
@@ -33,8 +35,49 @@ class ReportsErrors:
             raise failure from err
 
 
+class Command(ReportsErrors, click.Command):
+    """A bnfold subcommand: works in the `bnfold` group and on its own."""
+
+
+def verify_options(command: Callable) -> Callable:
+    """The options of the equivalence check, shared by `fold` and `verify`."""
+    options = [
+        click.option("--inputs", metavar="FILE.npz",
+                     help="Compare on these inputs (name -> array) instead of random ones."),
+        click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE",
+                     help="Size of a symbolic input dimension (repeatable)."),
+        click.option("--atol", type=float, help="Absolute tolerance [default: by dtype]."),
+        click.option("--rtol", type=float, help="Relative tolerance [default: by dtype]."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the random inputs."),
+        click.option("--json", "json_path", metavar="PATH", help="Also write the report as JSON."),
+        click.option("-q", "--quiet", is_flag=True, help="Print errors only."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def parse_dims(specs: tuple[str, ...]) -> dict[str, int] | None:
+    sizes = {}
+    for spec in specs:
+        match = re.fullmatch(r"([^=]+)=([0-9]+)", spec)
+        if not match or int(match[2]) < 1:
+            raise BadInput(f"--dim {spec}: expected NAME=VALUE, VALUE a positive integer")
+        sizes[match[1]] = int(match[2])
+    return sizes or None
+
+
+def exit_failed(verification: VerifyReport, quiet: bool, outcome: str) -> None:
+    click.echo(f"bnfold: verification failed, {outcome}", err=True)
+    if quiet:  # the report was not printed, but errors always are
+        for failure in verification.failures:
+            click.echo("  " + failure.describe(), err=True)
+    click.get_current_context().exit(1)
+
+
 def output_path(input_path: str, output: str | None, in_place: bool,
-                 dry_run: bool) -> str | None:
+                dry_run: bool) -> str | None:
     if in_place:
         if output and not _same_file(input_path, output):
             raise BadInput("--in-place overwrites INPUT: leave out -o")
@@ -66,15 +109,19 @@ def check_writable(path: str) -> None:
 
 def progress_reporter(quiet: bool) -> Callable[[str], None]:
     """Tell a person at a terminal about slow steps; say nothing to pipelines."""
-    if quiet or not click.get_text_stream("stderr").isatty():
+    if quiet or not sys.stderr.isatty():
         return lambda step: None
     return lambda step: click.echo(click.style(f"bnfold: {step}...", dim=True), err=True)
 
 
+def write_json(data: dict, json_path: str) -> None:
+    with staged(json_path) as stage, open(stage.path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
 def emit(report: FoldReport | VerifyReport, json_path: str | None, quiet: bool) -> None:
     if json_path:
-        with staged(json_path) as stage, open(stage.path, "w") as f:
-            json.dump(report.to_dict(), f, indent=2)
+        write_json(report.to_dict(), json_path)
     if not quiet:
         click.echo(report.to_text(), err=True)
 

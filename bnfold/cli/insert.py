@@ -1,54 +1,17 @@
-"""`bnfold inspect` and `bnfold insert`: thin click commands over bnfold.inspect and bnfold.insert.
-
-They are registered in bnfold.cli's group; they also work on their own (errors handled here).
-The shared CLI helpers of bnfold.cli are imported when a command runs, because bnfold.cli
-imports this module while it is being loaded.
-"""
+"""`bnfold insert`: add BatchNormalization after chosen Dense layers."""
 
 from __future__ import annotations
-
-import json
-import os
 
 import click
 import onnx
 
-from bnfold.cli_common import ReportsErrors, check_writable, emit, load_job
+from bnfold.cli.common import Command, emit, load_job
 from bnfold.errors import BadInput, one_line
 from bnfold.insert import PRESETS, insert
-from bnfold.inspect import inspect
-from bnfold.io import load, save, staged
+from bnfold.io import save, staged
 
 
-class _Command(ReportsErrors, click.Command):
-    pass
-
-
-@click.command("inspect", cls=_Command)
-@click.argument("model_path", metavar="MODEL")
-@click.option("--op", "ops", multiple=True, metavar="OP",
-              help="List layers of this op (Gemm, MatMul, Conv, ConvTranspose; repeatable) "
-                   "[default: Gemm and MatMul].")
-@click.option("--json", "json_path", metavar="PATH",
-              help="Also write the report as JSON ('-': only JSON, on stdout).")
-def inspect_command(model_path: str, ops: tuple[str, ...], json_path: str | None) -> None:
-    """List the Dense layers of MODEL (op, features, activation, batch norm around them) and
-    say, for each batch norm, whether `bnfold fold` can fold it and why not."""
-
-    if json_path and json_path != "-":
-        check_writable(json_path)
-    model = load(model_path)
-    report = inspect(model, ops=ops, base_dir=os.path.dirname(os.path.abspath(model_path)))
-    if json_path == "-":
-        click.echo(json.dumps(report.to_dict(), indent=2))
-        return
-    if json_path:
-        with staged(json_path) as stage, open(stage.path, "w") as f:
-            json.dump(report.to_dict(), f, indent=2)
-    click.echo(report.to_text())
-
-
-@click.command("insert", cls=_Command)
+@click.command("insert", cls=Command)
 @click.argument("input_path", metavar="INPUT")
 @click.option("-o", "--output", metavar="OUTPUT", help="Where to write the model.")
 @click.option("--in-place", is_flag=True, help="Overwrite INPUT (and its .data file).")
