@@ -85,19 +85,22 @@ class Stage:
         self._created: list[str] = []  # files outside the folder to remove if the commit fails
         self._old_refs: set[str] | None = set()  # the data files of the model it replaced
         self._lock_fd: int | None = None
+        self.folder: str | None = None
         self.discarded = False
         self.written: Written | None = None
         # Made while no commit here runs (they sweep unlocked folders), and locked while this
         # process lives: a later run sweeps the folder only once this one died.
-        with _directory_lock(self.target.directory) as (_, locked), _signals_held():
+        with _directory_lock(self.target.directory), _signals_held():
             try:
                 self.folder = tempfile.mkdtemp(prefix=_PREFIX, dir=self.target.directory)
             except OSError as err:
                 raise write_failure(err, self.target.given, self.target.directory) from None
             try:
                 self._lock_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
-                if locked:
+                try:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:  # no flock here: then no run sweeps here either
+                    pass
                 os.mkdir(os.path.join(self.folder, _MODEL_DIR))
             except OSError as err:
                 self.close()
@@ -148,8 +151,10 @@ class Stage:
             for path in self._created:  # written outside the folder by a commit that failed
                 _remove(path)
             self._created = []
-            if self._lock_fd is not None:
+            if self.folder is not None:
                 shutil.rmtree(self.folder, ignore_errors=True)
+                self.folder = None
+            if self._lock_fd is not None:
                 os.close(self._lock_fd)  # after the removal: no run sweeps it meanwhile
                 self._lock_fd = None
 
@@ -175,7 +180,8 @@ class Stage:
                 written = self._commit(data_name, switch, copy)
                 self._tidy(written, data_name, sweep=locked)
                 try:
-                    os.fsync(fd)  # the renames themselves reach the disk
+                    if fd is not None:
+                        os.fsync(fd)  # the renames themselves reach the disk
                 except OSError:
                     pass
         except OSError as err:  # nothing was committed: `close` removes what was renamed
@@ -421,10 +427,14 @@ def _sweep(folder: str) -> None:
 
 
 @contextmanager
-def _directory_lock(directory: str) -> Iterator[tuple[int, bool]]:
+def _directory_lock(directory: str) -> Iterator[tuple[int | None, bool]]:
     """Take turns with other bnfold runs writing in `directory` (flock on it): yields the
     folder's descriptor and whether it is locked (some filesystems have no flock)."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:  # a folder one may write in but not list
+        yield None, False
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)

@@ -10,6 +10,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 
@@ -25,6 +26,9 @@ from bnfold.cli import main
 from bnfold.commit import save
 from commit_cases import (CASES, X, check_consistent, conv_bn, digest, expected, leftovers,
                           make, run, save_model)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cli(*args):
@@ -345,6 +349,18 @@ def test_json_to_a_fifo_or_a_device_is_written_directly(tmp_path):
     assert not any(n.startswith(".bnfold-") for n in os.listdir("/dev"))
 
 
+def test_json_to_dev_stdout_writes_to_stdout_and_leaves_the_link(tmp_path):
+    # As root, /dev/stdout (a symlink) used to be replaced by a regular file.
+    save_model(conv_bn(0), tmp_path / "m.onnx")
+    before = os.readlink("/dev/stdout")
+    done = subprocess.run([sys.executable, "-m", "bnfold", "fold", str(tmp_path / "m.onnx"),
+                           "-o", str(tmp_path / "o.onnx"), "--json", "/dev/stdout", "-q"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["folded"] == 1
+    assert os.readlink("/dev/stdout") == before
+
+
 @pytest.mark.parametrize("command", [["fold", "{fifo}", "-o", "{d}/o.onnx"],
                                      ["verify", "{d}/m.onnx", "{fifo}"],
                                      ["inspect", "{fifo}"],
@@ -526,3 +542,21 @@ def test_api_save_refuses_to_overwrite_the_data_it_reads(tmp_path):
     assert written.data == "b.onnx.data" and written.notes == []
     assert sorted(os.listdir(tmp_path)) == ["a.onnx", "b.onnx.data"]
     np.testing.assert_allclose(run(path), expected(0), rtol=1e-6)
+
+
+def test_a_folder_one_may_write_but_not_list_takes_the_output(tmp_path, monkeypatch):
+    save_model(conv_bn(0), tmp_path / "m.onnx", "m.onnx.data")
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    real_open = os.open
+
+    def no_listing(path, flags, *args, **kwargs):  # as for others in a 0333 folder
+        if os.fspath(path) == str(drop) and flags & os.O_DIRECTORY:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_listing)
+    assert cli("fold", tmp_path / "m.onnx", "-o", drop / "o.onnx", "-q").exit_code == 0
+    monkeypatch.undo()
+    assert sorted(os.listdir(drop)) == ["o.onnx", "o.onnx.data"]
+    np.testing.assert_allclose(run(drop / "o.onnx"), expected(0), rtol=1e-4, atol=1e-4)

@@ -145,7 +145,7 @@ class Paths:
 
     def write(self, label: str, path: str | None) -> None:
         """Resolve an output (BadInput if it cannot be written) and check it against the rest."""
-        if path is None or path == "-" and label == "--json":
+        if path is None or (path == "-" and label == "--json"):
             return
         if resolve(path, label).special and label != "--json":
             raise BadInput(f"{label} {path}: not a regular file; bnfold writes models to files")
