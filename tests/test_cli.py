@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import bnfold.cli.fold
 from bnfold.cli import main
-from bnfold.errors import BadInput, VerificationFailed
+from bnfold.errors import BadInput, Stopped, VerificationFailed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,6 +89,7 @@ def test_python_m_bnfold_help():
     assert result.returncode == 0
     assert "fold" in result.stdout and "verify" in result.stdout
     assert "Exit codes: 0 success, 1 verification failed, 2 bad input or usage." in result.stdout
+    assert "130 (SIGINT, Ctrl-C) or 143 (SIGTERM), temporary files" in result.stdout
 
 
 @pytest.mark.parametrize("command", ["fold", "verify"])
@@ -430,3 +432,30 @@ def test_external_data_model_keeps_external_data_when_every_weight_is_new(tmp_pa
     x = np.ones((3, 3, 8, 8), np.float32)
     np.testing.assert_allclose(outputs(dst / "out.onnx", x), outputs(src / "model.onnx", x),
                                rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("stop, code, message", [
+    (KeyboardInterrupt(), 130, "bnfold: interrupted (SIGINT), temporary files removed"),
+    (Stopped(signal.SIGINT), 130, "bnfold: interrupted (SIGINT), temporary files removed"),
+    (Stopped(signal.SIGTERM), 143, "bnfold: terminated (SIGTERM), temporary files removed"),
+])
+def test_ctrl_c_and_sigterm_exit_130_and_143_and_remove_temporaries(model_path, tmp_path,
+                                                                   monkeypatch, stop, code,
+                                                                   message):
+    # Ctrl-C used to exit 1, which means "verification failed". (Real signals, sent to a
+    # process, are in tests/test_signals.py.)
+    def interrupted_verify(*args, **kwargs):
+        assert any(n.startswith(".bnfold-") for n in os.listdir(tmp_path))  # mid-write
+        raise stop
+
+    monkeypatch.setattr(bnfold.cli.fold, "verify", interrupted_verify)
+    result = run("fold", model_path, "-o", tmp_path / "out.onnx")
+    assert result.exit_code == code
+    assert result.stderr.splitlines()[-1] == message
+    assert os.listdir(tmp_path) == ["model.onnx"]
+
+
+def test_signal_handlers_are_restored(model_path, tmp_path):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert run("fold", model_path, "-o", tmp_path / "out.onnx", "-q").exit_code == 0
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

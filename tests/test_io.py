@@ -14,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold.io
+import bnfold.serialize
 from bnfold.errors import BadInput
 from bnfold.io import load, save, staged
 
@@ -253,7 +254,7 @@ def test_tensors_in_subgraphs_go_to_the_sidecar(tmp_path):
 
 
 def test_model_over_protobuf_limit_gets_external_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(bnfold.io, "_PROTOBUF_LIMIT", 1 << 20)
+    monkeypatch.setattr(bnfold.serialize, "PROTOBUF_LIMIT", 1 << 20)
     model = add_chain_model()  # 3 MiB in memory, "too large" now
     save(model, tmp_path / "out.onnx")
     assert sorted(os.listdir(tmp_path)) == ["out.onnx", "out.onnx.data"]
@@ -290,8 +291,9 @@ def test_staged_renames_model_and_sidecar_into_place(tmp_path):
     model = load(src / "model.onnx")
     final = tmp_path / "out.onnx"
     with staged(final) as stage:
-        save(model, stage.path, base_dir=str(src))
-        assert os.path.dirname(os.path.dirname(stage.path)) == str(tmp_path)
+        stage.save(model, base_dir=str(src))
+        assert os.path.dirname(stage.folder) == str(tmp_path)
+        assert os.path.basename(stage.folder).startswith(".bnfold-")
         assert load(stage.path).graph.initializer[0].data_location == TensorProto.EXTERNAL
         assert not final.exists()
     assert sorted(os.listdir(tmp_path)) == ["out.onnx", "out.onnx.data", "src"]
@@ -302,7 +304,7 @@ def test_staged_renames_model_and_sidecar_into_place(tmp_path):
 
 def test_staged_discard_leaves_nothing(tmp_path):
     with staged(tmp_path / "out.onnx") as stage:
-        save(add_chain_model(), stage.path)
+        stage.save(add_chain_model())
         stage.discard()
     assert os.listdir(tmp_path) == []
 
@@ -312,7 +314,7 @@ def test_staged_error_leaves_nothing_and_keeps_old_file(tmp_path):
     final.write_bytes(b"old")
     with pytest.raises(RuntimeError, match="boom"):
         with staged(final) as stage:
-            save(add_chain_model(), stage.path)
+            stage.save(add_chain_model())
             raise RuntimeError("boom")
     assert os.listdir(tmp_path) == ["out.onnx"]
     assert final.read_bytes() == b"old"
@@ -345,3 +347,78 @@ def test_saving_external_data_streams(tmp_path):
                               text=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout)
     assert os.path.getsize(tmp_path / "out.onnx.data") == n * size
     assert peak < (n * size) // 4, f"peak RSS {peak >> 20} MiB for {n * size >> 20} MiB of data"
+
+
+# --- what the commit protocol adds to load / save (more in tests/test_commit.py) ---------------
+
+def test_checker_runs_on_a_shell_for_main_graph_external_data(tmp_path, monkeypatch):
+    # Regression: main-graph initializers were told from others by id(), which protobuf's
+    # wrappers do not keep: the checker then read every external tensor from the file.
+    checked = []
+    monkeypatch.setattr(onnx.checker, "check_model",
+                        lambda model, full_check=False: checked.append(model))
+    save_external(add_chain_model(n_weights=5, size=64), tmp_path / "model.onnx")
+    load(tmp_path / "model.onnx")
+    (shell,) = checked
+    assert isinstance(shell, onnx.ModelProto)
+    assert all(t.data_location == TensorProto.DEFAULT for t in shell.graph.initializer)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("length", "252", "length 252 bytes, but its shape [64] needs 256"),
+    ("offset", "-1", "offset '-1' is not a non-negative integer"),
+    ("offset", "0x10", "offset '0x10' is not a non-negative integer"),
+])
+def test_bad_external_data_reference_is_bad_input(tmp_path, key, value, message):
+    path = tmp_path / "model.onnx"
+    save_external(add_chain_model(size=64), path)
+    model = onnx.load(str(path), load_external_data=False)
+    next(e for e in model.graph.initializer[1].external_data if e.key == key).value = value
+    onnx.save(model, str(path))
+    assert_bad_input(path, "external data of tensor 'w1'", message)
+
+
+def test_external_data_that_is_a_fifo_is_bad_input(tmp_path):
+    path = tmp_path / "model.onnx"
+    save_external(add_chain_model(size=64), path)
+    os.remove(tmp_path / "model.onnx.data")
+    os.mkfifo(tmp_path / "model.onnx.data")
+    assert_bad_input(path, "'model.onnx.data' is not a regular file")
+
+
+def test_load_inputs(tmp_path):
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.savez(tmp_path / "x.npz", x=x, n=np.int64(3))
+    got = bnfold.io.load_inputs(tmp_path / "x.npz")
+    assert sorted(got) == ["n", "x"]
+    np.testing.assert_array_equal(got["x"], x)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: np.savez(p, x=np.array([None, 1], dtype=object)), "holds Python objects"),
+    (lambda p: p.write_bytes(b""), "empty file"),
+    (lambda p: np.savez(p), "holds no arrays"),
+    (lambda p: np.save(p, np.zeros(3)), "is not an .npz archive"),
+    (lambda p: os.mkfifo(p), "not a regular file (a named pipe)"),
+    (lambda p: None, "no such file"),
+])
+def test_unusable_inputs_are_bad_input(tmp_path, make, message):
+    path = tmp_path / "x.npz"
+    make(path)
+    if path.with_suffix(".npz.npy").exists():  # np.save adds .npy
+        os.replace(path.with_suffix(".npz.npy"), path)
+    with pytest.raises(BadInput) as err:
+        bnfold.io.load_inputs(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_save_reports_what_it_wrote_and_writes_through_symlinks(tmp_path):
+    (tmp_path / "real").mkdir()
+    os.symlink("real/target.onnx", tmp_path / "link.onnx")
+    written = save(add_chain_model(), tmp_path / "link.onnx", external_data=True)
+    assert (written.data, written.notes) == ("target.onnx.data", [])
+    assert os.readlink(tmp_path / "link.onnx") == "real/target.onnx"
+    assert sorted(os.listdir(tmp_path / "real")) == ["target.onnx", "target.onnx.data"]
+    got = arrays(load(tmp_path / "real" / "target.onnx", load_external_data=True))
+    for name, value in arrays(add_chain_model()).items():
+        np.testing.assert_array_equal(got[name], value)

@@ -27,6 +27,10 @@ def main() -> None:
     Results are checked with onnxruntime before they are written.
 
     Exit codes: 0 success, 1 verification failed, 2 bad input or usage.
+
+    Stopped by a signal: 130 (SIGINT, Ctrl-C) or 143 (SIGTERM), temporary files removed.
+    Outputs are written under temporary names, then renamed into place: whatever fails,
+    each output holds the old or the new complete model, and the input is never lost.
     """
 
 

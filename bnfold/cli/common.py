@@ -1,17 +1,25 @@
-"""What the commands share: error reporting, output paths, options, progress, reports."""
+"""What the commands share: error reporting and signals, the paths a command reads and writes,
+options, progress, reports."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import click
+import onnx
 
-from bnfold.errors import BadInput, BnfoldError, VerificationFailed, one_line
-from bnfold.io import load, staged
+from bnfold.commit import data_file, write_file
+from bnfold.errors import BadInput, BnfoldError, Stopped, VerificationFailed, one_line
+from bnfold.io import data_name, external_files, load, load_inputs
+from bnfold.paths import identity, resolve
 from bnfold.report import FoldReport, VerifyReport
 
 
@@ -24,19 +32,49 @@ class Failure(click.ClickException):
 
 class ReportsErrors:
     """Mixin for click commands and groups: bnfold's errors and file errors become one line on
-    stderr and exit code 2 (1 for a failed verification), never a traceback."""
+    stderr and exit code 2 (1 for a failed verification), never a traceback; SIGINT and
+    SIGTERM unwind (temporary files are removed on the way) and exit 130 and 143."""
 
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except (BnfoldError, OSError) as err:
-            failure = Failure(one_line(err))
-            failure.exit_code = 1 if isinstance(err, VerificationFailed) else 2
-            raise failure from err
+        with _signals_stop():
+            try:
+                return super().invoke(ctx)
+            except (Stopped, KeyboardInterrupt) as stop:
+                if not isinstance(stop, Stopped):
+                    stop = Stopped(signal.SIGINT)
+                click.echo(f"bnfold: {stop}", err=True)
+                raise click.exceptions.Exit(stop.exit_code) from None
+            except (BnfoldError, OSError) as err:
+                failure = Failure(one_line(err))
+                failure.exit_code = 1 if isinstance(err, VerificationFailed) else 2
+                raise failure from err
 
 
 class Command(ReportsErrors, click.Command):
     """A bnfold subcommand: works in the `bnfold` group and on its own."""
+
+
+@contextmanager
+def _signals_stop() -> Iterator[None]:
+    """SIGINT and SIGTERM raise `Stopped` in the main thread (unless ignored, as in a
+    background job), so `finally` blocks remove temporary files before the process exits."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    previous = {}
+    for signum, default in ((signal.SIGINT, signal.default_int_handler),
+                            (signal.SIGTERM, signal.SIG_DFL)):
+        if signal.getsignal(signum) is default:
+            previous[signum] = signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def verify_options(command: Callable) -> Callable:
@@ -50,7 +88,8 @@ def verify_options(command: Callable) -> Callable:
         click.option("--rtol", type=float, help="Relative tolerance [default: by dtype]."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the random inputs."),
-        click.option("--json", "json_path", metavar="PATH", help="Also write the report as JSON."),
+        click.option("--json", "json_path", metavar="PATH",
+                     help="Also write the report as JSON ('-': to stdout)."),
         click.option("-q", "--quiet", is_flag=True, help="Print errors only."),
     ]
     for option in reversed(options):
@@ -76,37 +115,6 @@ def exit_failed(verification: VerifyReport, quiet: bool, outcome: str) -> None:
     click.get_current_context().exit(1)
 
 
-def output_path(input_path: str, output: str | None, in_place: bool,
-                dry_run: bool) -> str | None:
-    if in_place:
-        if output and not _same_file(input_path, output):
-            raise BadInput("--in-place overwrites INPUT: leave out -o")
-        return input_path
-    if output is None:
-        if dry_run:
-            return None
-        raise BadInput("no output: give -o OUTPUT, --in-place or --dry-run")
-    if _same_file(input_path, output):
-        raise BadInput(f"{output}: this is the input; use --in-place to overwrite it")
-    return output
-
-
-def _same_file(a: str, b: str) -> bool:
-    if os.path.exists(a) and os.path.exists(b):
-        return os.path.samefile(a, b)
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-def check_writable(path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise BadInput(f"{path}: is a directory")
-    if not os.path.isdir(directory):
-        raise BadInput(f"{path}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise BadInput(f"{path}: directory {directory} is not writable")
-
-
 def progress_reporter(quiet: bool) -> Callable[[str], None]:
     """Tell a person at a terminal about slow steps; say nothing to pipelines."""
     if quiet or not sys.stderr.isatty():
@@ -114,26 +122,150 @@ def progress_reporter(quiet: bool) -> Callable[[str], None]:
     return lambda step: click.echo(click.style(f"bnfold: {step}...", dim=True), err=True)
 
 
-def write_json(data: dict, json_path: str) -> None:
-    with staged(json_path) as stage, open(stage.path, "w") as f:
-        json.dump(data, f, indent=2)
+# --- paths ---------------------------------------------------------------------------------------
+
+@dataclass
+class Paths:
+    """The files a command reads and the files it writes, checked before any work: an output
+    may not be an input, an input's data file or another output (the same file however
+    named: symlinks, hard links, `..`)."""
+
+    reads: dict[str, str] = field(default_factory=dict)  # what the user calls it -> path
+    writes: dict[str, str] = field(default_factory=dict)
+
+    def read(self, label: str, path: str | None) -> None:
+        if path:
+            self.reads[label] = path
+
+    def read_model(self, label: str, path: str, model: onnx.ModelProto) -> None:
+        """`model`, loaded from `path`, and its data files."""
+        self.read(label, path)
+        for file in external_files(model, os.path.dirname(os.path.abspath(path))):
+            self.read(f"the data file of {label} ({os.path.basename(file)})", file)
+
+    def write(self, label: str, path: str | None) -> None:
+        """Resolve an output (BadInput if it cannot be written) and check it against the rest."""
+        if path is None or (path == "-" and label == "--json"):
+            return
+        if resolve(path, label).special and label != "--json":
+            raise BadInput(f"{label} {path}: not a regular file; bnfold writes models to files")
+        mine = identity(path)
+        for other_label, other in {**self.reads, **self.writes}.items():
+            if identity(other) == mine:
+                raise BadInput(f"{label} {path}: is {other_label}")
+        self.writes[label] = path
+
+    @property
+    def inputs(self) -> list[str]:
+        return list(self.reads.values())
 
 
-def emit(report: FoldReport | VerifyReport, json_path: str | None, quiet: bool) -> None:
+def output_path(input_path: str, output: str | None, in_place: bool,
+                dry_run: bool) -> str | None:
+    if output == "-":
+        raise BadInput("-o -: bnfold writes models to files, not to stdout; give a file name")
+    if output == "":
+        raise BadInput("-o '': empty file name")
+    if in_place:
+        if output and identity(input_path) != identity(output):
+            raise BadInput("--in-place overwrites INPUT: leave out -o")
+        return input_path
+    if output is None:
+        if dry_run:
+            return None
+        raise BadInput("no output: give -o OUTPUT, --in-place or --dry-run")
+    if identity(input_path) == identity(output):
+        raise BadInput(f"{output}: this is the input; use --in-place to overwrite it")
+    return output
+
+
+@dataclass
+class Job:
+    """A fold or insert run, checked and loaded: where it writes, what it must not touch."""
+
+    output: str | None
+    progress: Callable[[str], None]
+    base_dir: str
+    model: onnx.ModelProto
+    data_name: str | None  # in place: the data file name INPUT uses, kept
+    protect: list[str]  # files the model's commit may not replace: the inputs, unless in place
+    reads: list[str]  # every file the run reads: no report replaces them
+
+
+def load_job(input_path: str, output: str | None, in_place: bool, dry_run: bool,
+             json_path: str | None, quiet: bool, inputs: str | None = None) -> Job:
+    """Check where results go before any work, then load INPUT (its external data stays on
+    disk) and check again against its data files."""
+    output = output_path(input_path, output, in_place, dry_run)
+    writes = None if dry_run else output
+    base_dir = os.path.dirname(os.path.abspath(input_path))
+
+    def check(model: onnx.ModelProto | None) -> Paths:
+        paths = Paths()
+        paths.read("--inputs", inputs)
+        if model is None:
+            paths.read("INPUT", input_path)
+        else:
+            paths.read_model("INPUT", input_path, model)
+        if in_place:
+            resolve(input_path, "--in-place")  # its folder must be writable
+        else:
+            paths.write("-o", writes)
+            if model is not None and writes and external_files(model, base_dir):
+                paths.write("the output's data file", data_file(writes))
+        paths.write("--json", json_path)
+        return paths
+
+    check(None)
+    progress = progress_reporter(quiet)
+    if inputs:
+        load_inputs(inputs)  # its errors before the work, not after the fold
+    model = load(input_path, progress=progress)
+    paths = check(model)
+    if in_place and writes:
+        _refuse_hard_links(input_path, model, base_dir)
+    # In place, INPUT and its data are the destination; the commit keeps them consistent.
+    protect = [p for p in [inputs] if p] if in_place else paths.inputs
+    return Job(writes, progress, base_dir, model, data_name(model) if in_place else None,
+               protect, paths.inputs)
+
+
+def reads_of(*models: tuple[str, str, onnx.ModelProto], inputs: str | None = None) -> Paths:
+    """The files of `verify` and `inspect`: each (label, path, model) and the --inputs file."""
+    paths = Paths()
+    paths.read("--inputs", inputs)
+    for label, path, model in models:
+        paths.read_model(label, path, model)
+    return paths
+
+
+def _refuse_hard_links(input_path: str, model: onnx.ModelProto, base_dir: str) -> None:
+    """--in-place replaces a file by renaming a new one over it: every other name of it (a
+    hard link) would silently keep the old content."""
+    for path in [input_path, *external_files(model, base_dir)]:
+        links = os.stat(path).st_nlink
+        if links > 1:
+            raise BadInput(f"{path}: has {links} hard links; --in-place would replace only this "
+                           f"one (the others keep the old content): write with -o instead")
+
+
+def emit(report, json_path: str | None, quiet: bool, protect: list[str] = ()) -> None:
+    """The report: as text on stderr (unless quiet), as JSON to `json_path` ('-': stdout)."""
     if json_path:
-        write_json(report.to_dict(), json_path)
+        write_json(report.to_dict(), json_path, protect)
     if not quiet:
         click.echo(report.to_text(), err=True)
 
 
-def load_job(input_path: str, output: str | None, in_place: bool, dry_run: bool,
-             json_path: str | None, quiet: bool):
-    """Check where results go before any work, then load INPUT (its external data stays on
-    disk): (output path or None, progress reporter, INPUT's directory, model)."""
-    output = output_path(input_path, output, in_place, dry_run)
-    for path in (json_path, None if dry_run else output):
-        if path:
-            check_writable(path)
-    progress = progress_reporter(quiet)
-    base_dir = os.path.dirname(os.path.abspath(input_path))
-    return output, progress, base_dir, load(input_path, progress=progress)
+def write_json(data: dict, json_path: str, protect: list[str] = ()) -> None:
+    text = json.dumps(data, indent=2)
+    if json_path == "-":
+        click.echo(text)
+    else:
+        write_file(json_path, (text + "\n").encode(), protect=protect)
+
+
+def note_written(report: FoldReport, written) -> None:
+    """Add what the commit said (data file kept under another name...) to the report."""
+    if written is not None:
+        report.notes.extend(f"note: {note}" for note in written.notes)

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-import onnx
-import click
+from contextlib import ExitStack
 
-from bnfold.cli.common import (Command, emit, exit_failed, load_job, parse_dims,
+import click
+import onnx
+
+from bnfold.cli.common import (Command, emit, exit_failed, load_job, note_written, parse_dims,
                                verify_options)
+from bnfold.commit import staged
 from bnfold.fold import fold, to_inference_mode
-from bnfold.io import load, save, staged
+from bnfold.io import load
+from bnfold.rules.plan import scratch_directory
 from bnfold.verify import verify
 
 
 @click.command("fold", cls=Command)
 @click.argument("input_path", metavar="INPUT")
 @click.option("-o", "--output", metavar="OUTPUT", help="Where to write the folded model.")
-@click.option("--in-place", is_flag=True, help="Overwrite INPUT (and its .data file).")
+@click.option("--in-place", is_flag=True, help="Overwrite INPUT (and its data file, keeping its name).")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime equivalence check.")
 @verify_options
 @click.option("--force", is_flag=True, help="Write the output even if verification fails.")
@@ -41,32 +45,40 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
     (or with --no-verify or --force).
     """
     sizes = parse_dims(dims)
-    output, progress, base_dir, model = load_job(input_path, output, in_place, dry_run,
-                                                 json_path, quiet)
+    job = load_job(input_path, output, in_place, dry_run, json_path, quiet, inputs)
+    progress = job.progress
     progress("folding")
     had_external_data = any(t.data_location == onnx.TensorProto.EXTERNAL
-                            for t in model.graph.initializer)
-    folded, report = fold(model, base_dir=base_dir, inplace=True,  # `model` is not used again
-                          spill=True,  # new weights wait on disk for `save` to stream them
-                          allow_initializer_inputs=allow_initializer_inputs,
-                          training_to_inference=training_to_inference,
-                          lower_standalone=lower_standalone)
-    if dry_run:
-        emit(report, json_path, quiet)
-        return
-    with staged(output) as stage:
+                            for t in job.model.graph.initializer)
+    with ExitStack() as stack:
+        stage = None
+        if job.output:
+            stage = stack.enter_context(staged(job.output, data_name=job.data_name,
+                                               protect=job.protect))
+            stack.enter_context(scratch_directory(stage.folder, job.output))
+        # New weights wait on disk for `save` to stream them: in the output's stage folder,
+        # or (a dry run of a model with external data) in TMPDIR.
+        folded, report = fold(job.model, base_dir=job.base_dir, inplace=True,  # not used again
+                              spill=True if stage else None,
+                              allow_initializer_inputs=allow_initializer_inputs,
+                              training_to_inference=training_to_inference,
+                              lower_standalone=lower_standalone)
+        if stage is None:
+            emit(report, json_path, quiet, job.reads)
+            return
         progress("saving")
-        save(folded, stage.path, base_dir=base_dir, external_data=had_external_data or None)
+        stage.save(folded, base_dir=job.base_dir, external_data=had_external_data or None)
         if not no_verify:
             progress("verifying")
             reference = input_path
             if training_to_inference:  # the reference is the original as it runs in inference
                 reference = to_inference_mode(load(input_path, check=False))
             report.verification = verify(reference, stage.path, inputs=inputs, dims=sizes,
-                                         atol=atol, rtol=rtol, seed=seed, base_dir=base_dir)
+                                         atol=atol, rtol=rtol, seed=seed, base_dir=job.base_dir)
             if not report.verification.passed and not force:
                 stage.discard()
-    emit(report, json_path, quiet)
+    note_written(report, stage.written)
+    emit(report, json_path, quiet, job.reads)
     if report.verification and not report.verification.passed:
-        done = f"written to {output} anyway (--force)" if force else "nothing written"
+        done = f"written to {job.output} anyway (--force)" if force else "nothing written"
         exit_failed(report.verification, quiet, done)

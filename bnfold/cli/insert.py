@@ -5,16 +5,16 @@ from __future__ import annotations
 import click
 import onnx
 
-from bnfold.cli.common import Command, emit, load_job
+from bnfold.cli.common import Command, emit, load_job, note_written
+from bnfold.commit import staged
 from bnfold.errors import BadInput, one_line
 from bnfold.insert import PRESETS, insert
-from bnfold.io import save, staged
 
 
 @click.command("insert", cls=Command)
 @click.argument("input_path", metavar="INPUT")
 @click.option("-o", "--output", metavar="OUTPUT", help="Where to write the model.")
-@click.option("--in-place", is_flag=True, help="Overwrite INPUT (and its .data file).")
+@click.option("--in-place", is_flag=True, help="Overwrite INPUT (and its data file, keeping its name).")
 @click.option("--after", multiple=True, metavar="NAME",
               help="A layer name or glob, as `bnfold inspect` lists them (repeatable).")
 @click.option("--op", "ops", multiple=True, metavar="OP",
@@ -40,7 +40,8 @@ from bnfold.io import save, staged
 @click.option("--identity", is_flag=True,
               help="Initial values making each BN exactly the identity in inference mode; the "
                    "result is checked against INPUT with onnxruntime.")
-@click.option("--json", "json_path", metavar="PATH", help="Also write the report as JSON.")
+@click.option("--json", "json_path", metavar="PATH",
+              help="Also write the report as JSON ('-': to stdout).")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 def insert_command(input_path: str, output: str | None, in_place: bool, after: tuple[str, ...],
                    ops: tuple[str, ...], all_layers: bool, before_activation: bool, preset: str,
@@ -59,19 +60,20 @@ def insert_command(input_path: str, output: str | None, in_place: bool, after: t
         raise BadInput(f"--identity chooses the initial values itself: drop {', '.join(given)}")
     if output is None and not in_place:
         raise BadInput("no output: give -o OUTPUT or --in-place")
-    output, progress, base_dir, model = load_job(input_path, output, in_place, False,
-                                                 json_path, quiet)
-    progress("inserting")
+    job = load_job(input_path, output, in_place, False, json_path, quiet)
+    job.progress("inserting")
     result, report = insert(
-        model, after=after, ops=ops, all_layers=all_layers, before_activation=before_activation,
-        epsilon=epsilon, momentum=momentum, preset=preset, training=training, identity=identity,
-        base_dir=base_dir, **{k: v for k, v in initial.items() if v is not None})
-    del model
-    with staged(output) as stage:
-        progress("saving")
-        save(result, stage.path, base_dir=base_dir)
+        job.model, after=after, ops=ops, all_layers=all_layers,
+        before_activation=before_activation, epsilon=epsilon, momentum=momentum, preset=preset,
+        training=training, identity=identity, base_dir=job.base_dir,
+        **{k: v for k, v in initial.items() if v is not None})
+    del job.model
+    with staged(job.output, data_name=job.data_name, protect=job.protect) as stage:
+        job.progress("saving")
+        stage.save(result, base_dir=job.base_dir)
         try:
             onnx.checker.check_model(stage.path, full_check=True)
         except onnx.checker.ValidationError as err:
             raise BadInput(f"the result fails onnx.checker: {one_line(err)}") from None
-    emit(report, json_path, quiet)
+    note_written(report, stage.written)
+    emit(report, json_path, quiet, job.reads)

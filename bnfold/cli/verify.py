@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from bnfold.cli.common import (Command, check_writable, emit, exit_failed, parse_dims,
-                               progress_reporter, verify_options)
-from bnfold.io import load
+from bnfold.cli.common import (Command, emit, exit_failed, parse_dims, progress_reporter,
+                               reads_of, verify_options)
+from bnfold.io import load, load_inputs
 from bnfold.verify import verify
 
 
@@ -23,14 +23,20 @@ def verify_command(reference: str, candidate: str, inputs: str | None, dims: tup
     agrees, 1 if not.
     """
     sizes = parse_dims(dims)
-    if json_path:
-        check_writable(json_path)
     progress = progress_reporter(quiet)
-    for path in (reference, candidate):  # clear errors for unusable files
-        load(path, progress=progress)
+    named = (("A", reference), ("B", candidate))
+    paths = reads_of(inputs=inputs)
+    for label, path in named:
+        paths.read(label, path)
+    paths.write("--json", json_path)  # before any work; again below with the data files
+    if inputs:
+        load_inputs(inputs)
+    paths = reads_of(*[(label, path, load(path, progress=progress)) for label, path in named],
+                     inputs=inputs)
+    paths.write("--json", json_path)
     progress("verifying")
     result = verify(reference, candidate, inputs=inputs, dims=sizes, atol=atol, rtol=rtol,
                     seed=seed)
-    emit(result, json_path, quiet)
+    emit(result, json_path, quiet, paths.inputs)
     if not result.passed:
         exit_failed(result, quiet, "the models differ")

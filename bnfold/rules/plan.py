@@ -3,18 +3,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import atexit
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper
 
+from bnfold.errors import write_failure
 from bnfold.graph import GraphView, NameAllocator
 from bnfold.nodes import display_name, set_attr
 
@@ -60,28 +63,63 @@ def fill(tensor: onnx.TensorProto, values: np.ndarray, spill: Spill | None = Non
 
 
 class Spill:
-    """Where new weights go when the model's weights stay on disk (loaded without external data):
-    written as they are made, so memory holds one layer at a time; `bnfold.save` streams them
-    into the output's data file. The file is removed when the process exits."""
+    """Where new weights go when they should not stay in memory: written as they are made, so
+    memory holds one layer at a time; `bnfold.save` streams them into the output.
+
+    The scratch file goes in `directory`, by default the one `scratch_directory` names (the CLI
+    names the output's stage folder, so nothing is written outside the output's folder and the
+    stage removes it); with neither, in a fresh folder in TMPDIR removed when the process exits.
+    """
 
     THRESHOLD = 1024  # bytes; smaller tensors stay in the model
 
-    def __init__(self) -> None:
+    def __init__(self, directory: str | os.PathLike | None = None) -> None:
+        self._directory, self._owner = (directory, None) if directory is not None \
+            else _SCRATCH.get()
         self._file = None
 
     def write(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
         if self._file is None:
-            directory = tempfile.mkdtemp(prefix="bnfold-")
-            atexit.register(shutil.rmtree, directory, True)
-            self._file = open(os.path.join(directory, "weights.bin"), "wb")
-            atexit.register(self._file.close)
+            self._file = self._open()
         offset = self._file.tell()
-        np.ascontiguousarray(values).tofile(self._file)
-        self._file.flush()
+        try:  # file.write, not ndarray.tofile, whose errors lose their errno
+            self._file.write(memoryview(np.ascontiguousarray(values)).cast("B"))
+            self._file.flush()
+        except OSError as err:
+            owner = self._owner or self._file.name
+            raise write_failure(err, owner, os.path.dirname(self._file.name),
+                                "scratch weights") from None
         tensor.data_location = onnx.TensorProto.EXTERNAL
         for key, value in (("location", self._file.name), ("offset", str(offset)),
                            ("length", str(values.nbytes))):
             tensor.external_data.add(key=key, value=value)
+
+    def _open(self):
+        if self._directory is not None:
+            fd, path = tempfile.mkstemp(dir=self._directory, prefix="weights-", suffix=".bin")
+            os.close(fd)
+            return open(path, "r+b")
+        directory = tempfile.mkdtemp(prefix="bnfold-")
+        atexit.register(shutil.rmtree, directory, True)
+        file = open(os.path.join(directory, "weights.bin"), "w+b")
+        atexit.register(file.close)
+        return file
+
+
+_SCRATCH: ContextVar[tuple[str | None, str | None]] = ContextVar("bnfold_scratch_directory",
+                                                                 default=(None, None))
+
+
+@contextmanager
+def scratch_directory(directory: str | os.PathLike | None,
+                      owner: str | None = None) -> Iterator[None]:
+    """Within the block, `Spill` writes its scratch file in `directory` (None: TMPDIR); its
+    errors name `owner` (the output it is for)."""
+    token = _SCRATCH.set((None if directory is None else os.fspath(directory), owner))
+    try:
+        yield
+    finally:
+        _SCRATCH.reset(token)
 
 
 class Rewriter:

@@ -1,0 +1,169 @@
+"""ModelProto plumbing shared by reading (`bnfold.io`) and writing (`bnfold.serialize`): walking
+every tensor of a model, copying a model without its weights, external-data references, and
+the few pieces of the protobuf wire format that let bnfold stream weights instead of copying
+them into one serialized buffer.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, MutableSequence
+from dataclasses import dataclass
+
+import onnx
+from google.protobuf.message import Message
+
+from bnfold.errors import BadInput
+from bnfold.graph import is_external
+
+PROTOBUF_LIMIT = 2**31 - 1  # protobuf cannot serialize or parse a message larger than this
+GRAPH, INITIALIZER, RAW_DATA = 7, 5, 9  # field numbers: ModelProto.graph,
+# GraphProto.initializer, TensorProto.raw_data
+
+
+def tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in the model: initializers and attributes, subgraphs and functions."""
+
+    def in_nodes(nodes) -> Iterator[onnx.TensorProto]:
+        for node in nodes:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    yield from in_graph(g)
+
+    def in_graph(g: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+        yield from g.initializer
+        yield from in_nodes(g.node)
+
+    yield from in_graph(model.graph)
+    for f in model.functions:
+        yield from in_nodes(f.node)
+
+
+@dataclass(frozen=True)
+class External:
+    """Where a tensor's bytes are: `length` bytes (None: to the end) from `offset` of `location`."""
+
+    location: str
+    offset: int
+    length: int | None
+
+
+def external(t: onnx.TensorProto, where: str = "") -> External:
+    """The external-data reference of `t`; BadInput (prefixed with `where`) for an offset or
+    length that is not a non-negative integer (onnx itself raises ValueError for those)."""
+    entries = {e.key: e.value for e in t.external_data}
+    numbers = {}
+    for key in ("offset", "length"):
+        text = entries.get(key)
+        if text is None:
+            continue
+        if not text.strip().isdigit():
+            raise BadInput(f"{where}external data of tensor '{t.name}': {key} '{text}' is not a "
+                           f"non-negative integer")
+        numbers[key] = int(text)
+    return External(entries.get("location", ""), numbers.get("offset", 0),
+                    numbers.get("length"))
+
+
+def locations(model: onnx.ModelProto) -> list[str]:
+    """The external-data locations the model's tensors name, each once, in order of use."""
+    seen: dict[str, None] = {}
+    for t in tensors(model):
+        if is_external(t):
+            seen.setdefault({e.key: e.value for e in t.external_data}.get("location", ""))
+    return list(seen)
+
+
+def nbytes(t: onnx.TensorProto) -> int | None:
+    """The byte count of `t`'s data from its shape and type; None for types without a fixed
+    item size (strings, 4-bit types)."""
+    size = itemsize(t.data_type)
+    return math.prod(t.dims) * size if size else None
+
+
+def itemsize(data_type: int) -> int:
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return 0
+
+
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` but for its main graph's initializers (the bulk of a large model)."""
+    shell = onnx.ModelProto()
+    copy_fields(model, shell, skip="graph")
+    copy_fields(model.graph, shell.graph, skip="initializer")
+    return shell
+
+
+def copy_fields(source: Message, target: Message, skip: str) -> None:
+    """Copy every field set in `source` but `skip` (too costly to copy) into `target`."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if isinstance(value, MutableSequence):
+            getattr(target, field.name).extend(value)
+        elif isinstance(value, Message):
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
+def field_header(number: int, length: int) -> bytes:
+    """The tag and length that open a length-delimited protobuf field (its payload follows)."""
+    return varint_bytes(number << 3 | 2) + varint_bytes(length)
+
+
+def varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def varint(data: bytes, pos: int) -> tuple[int | None, int]:
+    """The varint at `pos` and the position after it; None if the data ends inside it."""
+    value = shift = 0
+    while pos < len(data):
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
+    return None, pos
+
+
+def length_delimited(data, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of the length-delimited fields of the message in
+    data[pos:end]; other fields are skipped."""
+    while pos < end:
+        key, pos = varint(data, pos)
+        if key is None:
+            return
+        wire = key & 7
+        if wire == 0:
+            _, pos = varint(data, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            size, pos = varint(data, pos)
+            if size is None:
+                return
+            yield key >> 3, pos, pos + size
+            pos += size
+        else:
+            return
+
+
+def is_plain_name(location: str) -> bool:
+    """A file name in the model's own directory (no folder part, not '.' or '..')."""
+    return bool(location) and os.path.basename(location) == location \
+        and location not in (os.curdir, os.pardir)
