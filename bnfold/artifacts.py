@@ -312,7 +312,8 @@ def _cap_versions(model: onnx.ModelProto, report: ArtifactsReport) -> None:
             converted = onnx.version_converter.convert_version(model, TRAINER_OPSET)
         except Exception as err:  # the converter raises several types, none of them ours
             raise BadInput(f"opset {opset} is newer than onnxruntime-training runs "
-                           f"({TRAINER_OPSET}), and converting it failed: {one_line(err)}") from None
+                           f"({TRAINER_OPSET}), and converting it failed: "
+                           f"{one_line(err)}") from None
         model.CopyFrom(converted)
         report.opset = [opset, TRAINER_OPSET]
     capped = min(max(model.ir_version, 4), TRAINER_IR_VERSION)  # IR 4: initializers unlisted

@@ -145,8 +145,9 @@ def insert(model: onnx.ModelProto, *, after=(), ops=(), all_layers: bool = False
     The BN follows the layer's activation unless `before_activation`. `epsilon`/`momentum`
     default to the `preset` ("keras": 1e-3, 0.99; "torch": 1e-5, 0.9 = 1 - torch's 0.1).
     `training`: the ONNX training-mode form (opset >= 15, upgrading the model when older): BN
-    with training_mode=1 whose updated running statistics are graph outputs. `identity`: parameters making each BN exactly the identity in
-    inference mode, checked with onnxruntime (raises VerificationFailed when not).
+    with training_mode=1 whose updated running statistics are graph outputs. `identity`:
+    parameters making each BN exactly the identity in inference mode, checked with onnxruntime
+    (raises VerificationFailed when not). The report names the BNs' trainable tensors and state.
     """
     settings = _settings(preset, epsilon, momentum, gamma, beta, mean, var, identity, training,
                          before_activation)

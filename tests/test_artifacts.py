@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
-from builders import count_ops, run_unoptimised
+from builders import run_unoptimised
 from bnfold.artifacts import TRAINER_INSTALL, training_artifacts, training_plan
 from bnfold.cli import main
 from bnfold.errors import BadInput
