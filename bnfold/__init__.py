@@ -5,6 +5,7 @@
     print(report.to_text())
 """
 
+from bnfold.artifacts import ArtifactsReport, training_artifacts, training_plan
 from bnfold.errors import BadInput, BnfoldError, VerificationFailed
 from bnfold.fold import fold
 from bnfold.insert import insert
@@ -14,6 +15,7 @@ from bnfold.report import Decision, FoldReport, OutputComparison, VerifyReport
 from bnfold.verify import verify
 
 __all__ = [
+    "ArtifactsReport",
     "BadInput",
     "BnfoldError",
     "Decision",
@@ -26,6 +28,8 @@ __all__ = [
     "inspect",
     "load",
     "save",
+    "training_artifacts",
+    "training_plan",
     "verify",
 ]
 __version__ = "0.1.0"

@@ -44,7 +44,10 @@ def fold(model: onnx.ModelProto, *, base_dir: str | None = None,
         model = _copy(model)
     report = FoldReport(before=model_stats(model))
     if training_to_inference:
-        _to_inference_mode(model)
+        dropped = _to_inference_mode(model)
+        if dropped:
+            report.notes.append(f"training mode -> inference mode: dropped the running-statistics "
+                                f"outputs {', '.join(dropped)}")
     run = _FoldRun(model, base_dir, allow_initializer_inputs, lower_standalone, spill, report)
     report.removed_casts = remove_noop_casts(model, run.types)
     run.fold_graph(model.graph, None, "main")
@@ -54,7 +57,8 @@ def fold(model: onnx.ModelProto, *, base_dir: str | None = None,
 
 
 def to_inference_mode(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` whose training-mode BNs use their running statistics instead."""
+    """A copy of `model` whose training-mode BNs use their running statistics instead; graph
+    outputs that were their updated statistics are dropped (as `fold` drops them)."""
     model = _copy(model)
     _to_inference_mode(model)
     return model
@@ -115,16 +119,34 @@ def _used_names(model: onnx.ModelProto) -> set[str]:
     return used
 
 
-def _to_inference_mode(model: onnx.ModelProto) -> None:
-    """Set training-mode BNs to inference mode where nothing reads their running statistics.
-    (Per-activation BN, opset < 9 spatial=0, is not a training mode: it stays.)"""
-    used, opset = _used_names(model), default_opset(model)
-    for graph in graphs(model.graph):
+def _to_inference_mode(model: onnx.ModelProto) -> list[str]:
+    """Set training-mode BNs to inference mode where no node reads their running statistics.
+
+    Statistics that are main-graph outputs (`bnfold insert --training` writes them so) go with
+    the training mode: those outputs are removed, and their names returned. A BN whose statistics
+    a node or a subgraph's output reads stays as it is; so does per-activation BN (opset < 9
+    spatial=0), which is no training mode.
+    """
+    opset, main = default_opset(model), model.graph
+    read: set[str] = set()
+    for graph in graphs(main):
+        read.update(name for node in graph.node for name in node.input)
+        if graph is not main:
+            read.update(o.name for o in graph.output)
+    outputs = {o.name for o in main.output}
+    dropped: list[str] = []
+    for graph in graphs(main):
         for node in graph.node:
+            statistics = [o for o in node.output[1:] if o]
             if (_is_bn(node) and training_reason(node, opset)
                     and not (opset < 9 and attr(node, "spatial", 1) == 0)
-                    and not used.intersection(o for o in node.output[1:] if o)):
+                    and not read.intersection(statistics)):
+                dropped += [o for o in statistics if o in outputs]
                 set_inference_mode(node)
+    gone = set(dropped)
+    remove_where(main.output, lambda o: o.name in gone)
+    remove_where(main.value_info, lambda v: v.name in gone)
+    return dropped
 
 
 class _FoldRun:

@@ -6,6 +6,13 @@ ONNX BN normalises axis 1. A Dense output [B, F] is normalised directly; [B, T, 
 Transpose(perm=[0, r-1, 1, ..., r-2]) -> BN -> Transpose back, which only moves data: exact.
 Momentum is ONNX's (and Keras's): running = running * momentum + batch * (1 - momentum); torch's
 BatchNorm momentum m is 1 - m here (torch's default 0.1 is 0.9).
+
+Two forms. The default is inference mode (running statistics), the form a trainer takes: each BN's
+scale and shift (gamma, beta) are trainable, its running mean and variance are state the trainer
+updates (frozen for the optimizer), and the report names both. `training=True` writes the ONNX
+training-mode form (BN-15 training_mode=1, as torch.onnx.export writes in TrainingMode.TRAINING):
+batch statistics, the updated running statistics as extra graph outputs for a loop that runs the
+graph and feeds them back. `bnfold fold --training-to-inference` turns it back.
 """
 
 from __future__ import annotations
@@ -76,9 +83,21 @@ class InsertReport:
     verification: VerifyReport | None = None  # --identity: output checked against the input
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def trainable(self) -> list[str]:
+        """The inserted scale and shift initializers (gamma, beta): what an optimizer trains."""
+        return [i.params[k] for i in self.insertions for k in ("gamma", "beta")]
+
+    @property
+    def state(self) -> list[str]:
+        """The inserted running mean and variance initializers: state the BN updates itself in
+        training, not trained by the optimizer (onnxruntime-training: `frozen_params`)."""
+        return [i.params[k] for i in self.insertions for k in ("mean", "var")]
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["inserted"] = len(self.insertions)
+        data["trainable"], data["state"] = self.trainable, self.state
         data["verification"] = self.verification.to_dict() if self.verification else None
         return data
 
@@ -87,6 +106,10 @@ class InsertReport:
         lines = [f"inserted {len(self.insertions)} BatchNormalization ({mode} mode, "
                  f"epsilon {self.epsilon:g}, momentum {self.momentum:g}, opset {self.opset})"]
         lines += ["  " + i.describe() for i in self.insertions]
+        if self.insertions:
+            lines.append(f"trainable (scale, shift): {', '.join(self.trainable)}")
+            lines.append(f"state (running mean, variance; the trainer updates them, freeze them "
+                         f"for the optimizer): {', '.join(self.state)}")
         if self.upgraded_from is not None:
             lines.append(f"opset upgraded {self.upgraded_from} -> {self.opset} for training mode "
                          f"(checked equivalent with onnxruntime)")
@@ -121,9 +144,10 @@ def insert(model: onnx.ModelProto, *, after=(), ops=(), all_layers: bool = False
     these ops; alone, selects all of them; needed for Conv/ConvTranspose), `all_layers`.
     The BN follows the layer's activation unless `before_activation`. `epsilon`/`momentum`
     default to the `preset` ("keras": 1e-3, 0.99; "torch": 1e-5, 0.9 = 1 - torch's 0.1).
-    `training`: training-mode BN (opset >= 15, upgrading the model when older) whose running
-    statistics are graph outputs. `identity`: parameters making each BN exactly the identity in
-    inference mode, checked with onnxruntime (raises VerificationFailed when not).
+    `training`: the ONNX training-mode form (opset >= 15, upgrading the model when older): BN
+    with training_mode=1 whose updated running statistics are graph outputs. `identity`:
+    parameters making each BN exactly the identity in inference mode, checked with onnxruntime
+    (raises VerificationFailed when not). The report names the BNs' trainable tensors and state.
     """
     settings = _settings(preset, epsilon, momentum, gamma, beta, mean, var, identity, training,
                          before_activation)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from bnfold import __version__
+from bnfold.cli.artifacts import artifacts_command
 from bnfold.cli.common import ReportsErrors
 from bnfold.cli.fold import fold_command
 from bnfold.cli.insert import insert_command
@@ -36,5 +37,6 @@ def main() -> None:
 
 for _command in (fold_command, verify_command, inspect_command, insert_command):
     main.add_command(_command)
+main.add_command(artifacts_command)  # onnxruntime-training's; needs its own environment
 
 __all__ = ["main"]

@@ -35,8 +35,11 @@ from bnfold.insert import PRESETS, insert
 @click.option("--mean", type=float, help="Initial running mean [default: 0].")
 @click.option("--var", type=float, help="Initial running variance [default: 1].")
 @click.option("--training", is_flag=True,
-              help="Training-mode BN (opset >= 15; older models are upgraded) with the updated "
-                   "running mean and variance as extra graph outputs.")
+              help="The ONNX training-mode form (BN-15 training_mode=1, as torch exports in "
+                   "training mode; older opsets are upgraded): batch statistics, with the updated "
+                   "running mean and variance as extra graph outputs, for a loop that runs the "
+                   "graph and feeds them back. For onnxruntime-training, use the default form "
+                   "and `bnfold artifacts`. `bnfold fold --training-to-inference` turns it back.")
 @click.option("--identity", is_flag=True,
               help="Initial values making each BN exactly the identity in inference mode; the "
                    "result is checked against INPUT with onnxruntime.")
@@ -52,6 +55,9 @@ def insert_command(input_path: str, output: str | None, in_place: bool, after: t
 
     Rank-3 Dense outputs [batch, seq, features] are normalised over their features (Keras
     axis=-1) through a Transpose pair around the BN.
+
+    The report names each BN's trainable tensors (scale, shift) and its state (running mean
+    and variance: a trainer updates them itself; freeze them for the optimizer).
     """
 
     initial = {"gamma": gamma, "beta": beta, "mean": mean, "var": var}
