@@ -7,7 +7,7 @@ import os
 import click
 
 from bnfold.artifacts import LOSSES, OPTIMIZERS, training_artifacts
-from bnfold.cli.common import Command, check_writable, emit, progress_reporter
+from bnfold.cli.common import Command, emit, progress_reporter, reads_of
 from bnfold.io import load
 
 
@@ -44,13 +44,16 @@ def artifacts_command(input_path: str, directory: str, loss: str, optimizer: str
     training, export the model with Module.export_model_for_inferencing(PATH, OUTPUTS), then
     `bnfold fold PATH`.
     """
-    if json_path:
-        check_writable(json_path)
+    paths = reads_of()
+    paths.read("MODEL", input_path)
+    paths.write("--json", json_path)
     progress = progress_reporter(quiet)
     # Unchecked: onnx's checker may be older than the model's IR; the trainer's copy is checked.
     model = load(input_path, check=False, progress=progress)
+    paths = reads_of(("MODEL", input_path, model))
+    paths.write("--json", json_path)
     progress("generating")
     report = training_artifacts(model, directory, loss=loss, optimizer=optimizer, logits=logits,
                                 freeze=freeze, force=force,
                                 base_dir=os.path.dirname(os.path.abspath(input_path)))
-    emit(report, json_path, quiet)
+    emit(report, json_path, quiet, paths.inputs)
