@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bnfold.errors import BadInput
 from bnfold.verify import random_inputs, run, verify
 
-verify_module = importlib.import_module("bnfold.verify")  # bnfold.verify is also the function
+runtime = importlib.import_module("bnfold.verify.runtime")
 
 F, D = TensorProto.FLOAT, TensorProto.DOUBLE
 W = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
@@ -197,14 +197,14 @@ def test_initializers_listed_as_inputs_are_not_fed(ir, opset):
 
 
 def test_graph_optimizations_are_disabled():
-    options = verify_module._session(_matmul(), None, "reference").get_session_options()
+    options = runtime.session(_matmul(), None, "reference").get_session_options()
     assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 
 
 @pytest.mark.parametrize("limit", [None, 0])  # serialised to bytes, or saved to a temp dir
 def test_in_memory_model_with_external_data(tmp_path, monkeypatch, limit):
     if limit is not None:
-        monkeypatch.setattr(verify_module, "_PROTOBUF_LIMIT", limit)
+        monkeypatch.setattr(runtime, "_PROTOBUF_LIMIT", limit)
     onnx.save(_matmul(), tmp_path / "m.onnx", save_as_external_data=True, size_threshold=0)
     external = onnx.load(tmp_path / "m.onnx", load_external_data=False)
     report = verify(tmp_path / "m.onnx", external, base_dir=tmp_path)

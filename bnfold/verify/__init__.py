@@ -1,0 +1,93 @@
+"""Run two models in onnxruntime on the same inputs and compare every output.
+
+Both sessions run with graph optimizations disabled: otherwise onnxruntime fuses Conv+BN in the
+reference too, and the check would compare bnfold's folding with onnxruntime's.
+
+An output passes when ``|a - b| <= atol + rtol * |b|`` everywhere, in float64, with ``b`` the
+reference. NaN against NaN and inf against inf of the same sign agree.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+
+from bnfold.errors import BadInput
+from bnfold.report import VerifyReport
+from bnfold.verify.compare import compare
+from bnfold.verify.inputs import (check_same_interface, describe_random, dim_sizes, given_feeds,
+                                  interface, random_feeds)
+from bnfold.verify.runtime import run_session, session
+
+Model = onnx.ModelProto | str | os.PathLike
+
+
+def verify(
+    reference: Model,
+    candidate: Model,
+    *,
+    inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+    dims: Mapping[str, int] | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    seed: int = 0,
+    runs: int = 1,
+    base_dir: str | os.PathLike | None = None,
+) -> VerifyReport:
+    """Compare ``candidate`` with ``reference`` on the same inputs, output by output.
+
+    ``inputs`` (an .npz path or a dict, cast to the declared types) replaces the random inputs,
+    which are drawn ``runs`` times with seeds ``seed, seed + 1, ...``; ``dims`` sizes their
+    symbolic dimensions. ``atol``/``rtol`` replace the defaults (by dtype, see ``compare.TOLERANCES``)
+    for every output. ``base_dir`` is where in-memory models keep their external data.
+    A mismatch gives a report that did not pass; models with different interfaces, inputs that
+    do not fit and onnxruntime errors raise BadInput.
+    """
+    if runs < 1:
+        raise BadInput(f"runs must be at least 1, not {runs}")
+    if (atol is not None and not atol >= 0) or (rtol is not None and not rtol >= 0):
+        raise BadInput(f"tolerances must be non-negative (atol {atol}, rtol {rtol})")
+    ref, cand = interface(reference), interface(candidate)
+    check_same_interface(ref, cand)
+    if inputs is None:
+        sizes = dim_sizes(ref.inputs, dims, avoid=ref.dims | cand.dims)
+        feed_sets = [random_feeds(ref.inputs, sizes, seed + i) for i in range(runs)]
+        described = describe_random(seed, runs, sizes)
+    else:
+        feed_sets = [given_feeds(ref.inputs, inputs)]
+        described = (
+            "given inputs" if isinstance(inputs, Mapping) else f"inputs from {os.fspath(inputs)}"
+        )
+    ref_session = session(reference, base_dir, "reference")
+    cand_session = session(candidate, base_dir, "candidate")
+    results = [
+        (run_session(ref_session, feeds, f"the reference on {described}"),
+         run_session(cand_session, feeds, f"the candidate on {described}"))
+        for feeds in feed_sets
+    ]
+    outputs = [
+        compare(t.name, [(r[t.name], c[t.name]) for r, c in results], atol, rtol)
+        for t in ref.outputs
+    ]
+    return VerifyReport(outputs=outputs, inputs=described, runs=len(feed_sets))
+
+
+def random_inputs(
+    model: Model, *, dims: Mapping[str, int] | None = None, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Seeded random inputs for ``model`` as ``verify`` draws them; ``dims`` sizes symbolic dims."""
+    iface = interface(model)
+    return random_feeds(iface.inputs, dim_sizes(iface.inputs, dims, iface.dims), seed)
+
+
+def run(
+    model: Model, feeds: Mapping[str, np.ndarray], *, base_dir: str | os.PathLike | None = None
+) -> dict[str, np.ndarray]:
+    """Run ``model`` once in onnxruntime, graph optimizations disabled; outputs by name."""
+    return run_session(session(model, base_dir, "model"), feeds, "the model")
+
+
+__all__ = ["random_inputs", "run", "verify"]
