@@ -6,11 +6,10 @@ collect dead constants -> report. Rules live in `bnfold.rules`; this module only
 
 from __future__ import annotations
 
-import math
-
 import onnx
 from onnx import helper
 
+from bnfold import changes
 from bnfold.affine import Affine, bn_affine, cast_to, set_inference_mode, training_reason
 from bnfold.errors import BadInput
 from bnfold.graph import (MIN_OPSET, GraphView, NameAllocator, Scope, default_opset, infer_shapes,
@@ -42,7 +41,8 @@ def fold(model: onnx.ModelProto, *, base_dir: str | None = None,
         raise BadInput(f"unsupported opset {opset} (bnfold supports {MIN_OPSET} and newer)")
     if not inplace:
         model = _copy(model)
-    report = FoldReport(before=model_stats(model))
+    report = FoldReport(before=model_stats(model), producer=model.producer_name)
+    original = changes.snapshot(model)
     if training_to_inference:
         dropped = _to_inference_mode(model)
         if dropped:
@@ -50,10 +50,23 @@ def fold(model: onnx.ModelProto, *, base_dir: str | None = None,
                                 f"outputs {', '.join(dropped)}")
     run = _FoldRun(model, base_dir, allow_initializer_inputs, lower_standalone, spill, report)
     report.removed_casts = remove_noop_casts(model, run.types)
+    cast_free = changes.snapshot(model) if report.removed_casts else original
     run.fold_graph(model.graph, None, "main")
     run.collect_garbage()
     report.after = model_stats(model)
+    _report_changes(report, original, cast_free, model)
     return model, report
+
+
+def _report_changes(report: FoldReport, original, cast_free, model: onnx.ModelProto) -> None:
+    """Decisions in graph order; the other nodes the pass removed, by why."""
+    order = changes.graph_order(original)
+    report.decisions.sort(key=lambda d: order.get((d.graph, d.node), len(order)))
+    batch_norms = {(d.graph, n) for d in report.decisions for n in [d.node, *d.nodes]}
+    if cast_free is not original:
+        report.removed += changes.removed_nodes(original, cast_free, "no-op", batch_norms)
+    report.removed += changes.removed_nodes(cast_free, changes.snapshot(model),
+                                            "unused after folding", batch_norms)
 
 
 def to_inference_mode(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -65,15 +78,9 @@ def to_inference_mode(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def model_stats(model: onnx.ModelProto) -> ModelStats:
-    """Node and parameter counts, subgraphs included; reads no tensor data."""
-    nodes = parameters = 0
-    for graph in graphs(model.graph):
-        nodes += len(graph.node)
-        parameters += sum(math.prod(t.dims) for t in graph.initializer)
-        for node in graph.node:
-            if node.op_type == "Constant":
-                parameters += sum(math.prod(a.t.dims) for a in node.attribute if a.name == "value")
-    return ModelStats(nodes=nodes, parameters=parameters)
+    """Node counts (by op type too) and parameter count, subgraphs included; reads no tensor
+    data."""
+    return changes.census(model)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -194,7 +201,8 @@ class _FoldRun:
                 Rewriter(view, self.names, self.touched, self.dropped, spill).apply(result)
                 self.report.decisions.append(Decision(
                     node=aff.name, action="folded", direction=result.direction,
-                    into=display_name(result.into), graph=path, op=aff.op))
+                    into=display_name(result.into), graph=path, op=aff.op,
+                    nodes=[display_name(n) for n in aff.nodes]))
                 del result  # its new weights are in the model now: not twice in memory
                 progress = True
         view = self.view(graph, outer)

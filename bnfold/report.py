@@ -18,11 +18,14 @@ class Decision:
     reason: str | None = None  # why it was kept (or lowered)
     graph: str = "main"  # "main", or the path of a subgraph: "main/If_0:then_branch"
     op: str = "BatchNormalization"  # or "affine" for Sub/Mul/Add/Div chains
+    nodes: list[str] = field(default_factory=list)  # the nodes it is made of (a chain's several)
+    note: str | None = None  # a warning that does not stop the fold, e.g. "1 channel"
 
     def describe(self) -> str:
         where = "" if self.graph == "main" else f" [{self.graph}]"
         if self.action == "folded":
-            return f"folded   {self.node}{where} {self.direction} into {self.into}"
+            text = f"folded   {self.node}{where} {self.direction} into {self.into}"
+            return text + (f" (note: {self.note})" if self.note else "")
         if self.action == "lowered":
             return f"lowered  {self.node}{where} to Mul+Add ({self.reason})"
         return f"kept     {self.node}{where}: {self.reason}"
@@ -93,9 +96,22 @@ def _json_number(value):
 class ModelStats:
     nodes: int
     parameters: int  # number of elements in initializers and Constant nodes
+    ops: dict[str, int] = field(default_factory=dict)  # nodes by op type ("domain.op" if not ONNX's)
+    size: int | None = None  # bytes of the model file and its data files, when it is a file
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class RemovedNode:
+    """A node other than a batch norm that the pass removed: a no-op Cast, a constant the folds
+    left unread."""
+
+    op: str
+    name: str  # display name: the node's name, or its first output
+    graph: str = "main"
+    why: str = ""  # "no-op" (a Cast to its input's type), "unused after folding"
 
 
 @dataclass
@@ -108,6 +124,8 @@ class FoldReport:
     removed_casts: int = 0
     verification: VerifyReport | None = None
     notes: list[str] = field(default_factory=list)
+    removed: list[RemovedNode] = field(default_factory=list)  # non-BN nodes removed, graph order
+    producer: str = ""  # the model's producer_name, for the reason nothing was folded
 
     @property
     def folded(self) -> list[Decision]:
@@ -136,22 +154,71 @@ class FoldReport:
             "after": self.after.to_dict() if self.after else None,
             "verification": self.verification.to_dict() if self.verification else None,
             "notes": list(self.notes),
+            "removed": [asdict(r) for r in self.removed],
+            "why_unchanged": self.why_unchanged(),
         }
+
+    def why_unchanged(self) -> str | None:
+        """One line saying why nothing was folded; None when something was."""
+        if self.folded or self.lowered:
+            return None
+        if not self.decisions:
+            why = "nothing to fold: no batch norm in the model"
+            if self.producer.startswith("pytorch"):
+                why += " (torch's exporter already fuses Conv+BN in eval mode)"
+            return why
+        return (f"nothing folded: all {len(self.kept)} batch norms kept (the reasons above)"
+                if len(self.kept) > 1 else "nothing folded: the batch norm is kept (the reason above)")
 
     def to_text(self) -> str:
         lines = [d.describe() for d in self.decisions]
+        if self.removed:
+            lines.append(f"removed {len(self.removed)} other nodes: {_grouped(self.removed)}")
         summary = f"{len(self.folded)} folded, {len(self.kept)} kept"
         if self.lowered:
             summary += f", {len(self.lowered)} lowered"
         if self.removed_casts:
             summary += f", {self.removed_casts} no-op Cast removed"
         lines.append(summary)
+        why = self.why_unchanged()
+        if why:
+            lines.append(why)
         if self.before and self.after:
-            lines.append(
-                f"nodes {self.before.nodes} -> {self.after.nodes}, "
-                f"parameters {self.before.parameters} -> {self.after.parameters}"
-            )
+            lines += _changes_table(self.before, self.after)
         lines += self.notes
         if self.verification is not None:
             lines.append(self.verification.to_text())
         return "\n".join(lines)
+
+
+def _grouped(removed: list[RemovedNode]) -> str:
+    """"3 Cast (no-op Cast), 2 Constant (unused after folding)": counted by op and why."""
+    counts: dict[tuple[str, str], int] = {}
+    for r in removed:
+        counts[(r.op, r.why)] = counts.get((r.op, r.why), 0) + 1
+    return ", ".join(f"{n} {op}" + (f" ({why})" if why else "")
+                     for (op, why), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _changes_table(before: ModelStats, after: ModelStats) -> list[str]:
+    """before -> after: nodes, those of each op type whose count changed (BN and Cast always,
+    when present), parameters, file size (when both are files)."""
+    ops = sorted(set(before.ops) | set(after.ops))
+    shown = [op for op in ops if before.ops.get(op, 0) != after.ops.get(op, 0)
+             or op in ("BatchNormalization", "Cast")]
+    rows = [("nodes", str(before.nodes), str(after.nodes))]
+    rows += [("  " + op, str(before.ops.get(op, 0)), str(after.ops.get(op, 0))) for op in shown]
+    rows.append(("parameters", str(before.parameters), str(after.parameters)))
+    if before.size is not None and after.size is not None:
+        rows.append(("file size", _bytes(before.size), _bytes(after.size)))
+    widths = [max(len(r[i]) for r in [("", "before", "after"), *rows]) for i in range(3)]
+    return [f"  {a.ljust(widths[0])}  {b.rjust(widths[1])} -> {c.rjust(widths[2])}"
+            for a, b, c in [("", "before", "after"), *rows]]
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"

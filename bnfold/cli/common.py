@@ -269,3 +269,20 @@ def note_written(report: FoldReport, written) -> None:
     """Add what the commit said (data file kept under another name...) to the report."""
     if written is not None:
         report.notes.extend(f"note: {note}" for note in written.notes)
+
+
+def model_size(path: str, model: onnx.ModelProto, base_dir: str) -> int:
+    """Bytes of a model file and of the data files it reads."""
+    return os.path.getsize(path) + sum(os.path.getsize(f) for f in external_files(model, base_dir)
+                                       if os.path.exists(f))
+
+
+def written_size(written) -> int | None:
+    """Bytes of what a commit wrote: the model file and its data file."""
+    if written is None:
+        return None
+    size = os.path.getsize(written.path)
+    if written.data:
+        size += os.path.getsize(os.path.join(os.path.dirname(os.path.abspath(written.path)),
+                                             written.data))
+    return size

@@ -7,8 +7,8 @@ from contextlib import ExitStack
 import click
 import onnx
 
-from bnfold.cli.common import (Command, emit, exit_failed, load_job, note_written, parse_dims,
-                               verify_options)
+from bnfold.cli.common import (Command, emit, exit_failed, load_job, model_size, note_written,
+                               parse_dims, verify_options, written_size)
 from bnfold.commit import staged
 from bnfold.fold import fold, to_inference_mode
 from bnfold.io import load
@@ -47,6 +47,7 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
     sizes = parse_dims(dims)
     job = load_job(input_path, output, in_place, dry_run, json_path, quiet, inputs)
     progress = job.progress
+    input_size = model_size(input_path, job.model, job.base_dir)
     progress("folding")
     had_external_data = any(t.data_location == onnx.TensorProto.EXTERNAL
                             for t in job.model.graph.initializer)
@@ -63,6 +64,7 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
                               allow_initializer_inputs=allow_initializer_inputs,
                               training_to_inference=training_to_inference,
                               lower_standalone=lower_standalone)
+        report.before.size = input_size
         if stage is None:
             emit(report, json_path, quiet, job.reads)
             return
@@ -78,6 +80,7 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
             if not report.verification.passed and not force:
                 stage.discard()
     note_written(report, stage.written)
+    report.after.size = written_size(stage.written)
     emit(report, json_path, quiet, job.reads)
     if report.verification and not report.verification.passed:
         done = f"written to {job.output} anyway (--force)" if force else "nothing written"
