@@ -23,6 +23,9 @@ from bnfold.paths import identity, resolve
 from bnfold.report import FoldReport, VerifyReport
 
 
+EXIT_STRICT = 3  # fold --strict: a batch norm was kept
+
+
 class Failure(click.ClickException):
     exit_code = 2  # 1 for VerificationFailed
 

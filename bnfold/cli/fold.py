@@ -7,8 +7,8 @@ from contextlib import ExitStack
 import click
 import onnx
 
-from bnfold.cli.common import (Command, emit, exit_failed, load_job, model_size, note_written,
-                               parse_dims, verify_options, written_size)
+from bnfold.cli.common import (EXIT_STRICT, Command, emit, exit_failed, load_job, model_size,
+                               note_written, parse_dims, verify_options, written_size)
 from bnfold.commit import staged
 from bnfold.fold import fold, to_inference_mode
 from bnfold.io import load
@@ -30,11 +30,14 @@ from bnfold.verify import verify
               help="Switch training-mode BN to inference mode, then fold them.")
 @click.option("--lower-standalone", is_flag=True,
               help="Replace BN that cannot be folded with Mul+Add.")
+@click.option("--strict", is_flag=True,
+              help=f"Exit {EXIT_STRICT} if any batch norm is kept (the output is written all "
+                   f"the same), for a pipeline that requires every BN folded.")
 def fold_command(input_path: str, output: str | None, in_place: bool, no_verify: bool,
                  inputs: str | None, dims: tuple[str, ...], atol: float | None,
                  rtol: float | None, seed: int, json_path: str | None, quiet: bool, force: bool,
                  dry_run: bool, allow_initializer_inputs: bool, training_to_inference: bool,
-                 lower_standalone: bool) -> None:
+                 lower_standalone: bool, strict: bool) -> None:
     """Fold the batch norms of INPUT into their neighbouring layers.
 
     Batch norms are BatchNormalization nodes and the Sub/Mul/Add/Div chains by per-channel
@@ -67,6 +70,7 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
         report.before.size = input_size
         if stage is None:
             emit(report, json_path, quiet, job.reads)
+            _exit_if_kept(report, strict)
             return
         progress("saving")
         stage.save(folded, base_dir=job.base_dir, external_data=had_external_data or None)
@@ -85,3 +89,12 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
     if report.verification and not report.verification.passed:
         done = f"written to {job.output} anyway (--force)" if force else "nothing written"
         exit_failed(report.verification, quiet, done)
+    _exit_if_kept(report, strict)
+
+
+def _exit_if_kept(report, strict: bool) -> None:
+    """--strict: a kept batch norm fails the run (exit 3), after the report."""
+    if strict and report.kept:
+        names = ", ".join(d.node for d in report.kept)
+        click.echo(f"bnfold: --strict: {len(report.kept)} batch norm(s) kept: {names}", err=True)
+        click.get_current_context().exit(EXIT_STRICT)
