@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +25,9 @@ from bnfold.report import FoldReport, VerifyReport
 
 
 EXIT_STRICT = 3  # fold --strict: a batch norm was kept
+
+
+SCHEMA_VERSION = 1  # of the JSON reports (docs/JSON.md, docs/report.schema.json)
 
 
 class Failure(click.ClickException):
@@ -111,11 +115,15 @@ def parse_dims(specs: tuple[str, ...]) -> dict[str, int] | None:
 
 
 def exit_failed(verification: VerifyReport, quiet: bool, outcome: str) -> None:
+    report_failed(verification, quiet, outcome)
+    click.get_current_context().exit(1)
+
+
+def report_failed(verification: VerifyReport, quiet: bool, outcome: str) -> None:
     click.echo(f"bnfold: verification failed, {outcome}", err=True)
     if quiet:  # the report was not printed, but errors always are
         for failure in verification.failures:
             click.echo("  " + failure.describe(), err=True)
-    click.get_current_context().exit(1)
 
 
 def progress_reporter(quiet: bool) -> Callable[[str], None]:
@@ -252,10 +260,13 @@ def _refuse_hard_links(input_path: str, model: onnx.ModelProto, base_dir: str) -
                            f"one (the others keep the old content): write with -o instead")
 
 
-def emit(report, json_path: str | None, quiet: bool, protect: list[str] = ()) -> None:
-    """The report: as text on stderr (unless quiet), as JSON to `json_path` ('-': stdout)."""
+def emit(report, json_path: str | None, quiet: bool, protect: list[str] = (),
+         run: RunInfo | None = None) -> None:
+    """The report: as text on stderr (unless quiet), as JSON to `json_path` ('-': stdout),
+    after `run`'s fields (docs/JSON.md)."""
     if json_path:
-        write_json(report.to_dict(), json_path, protect)
+        write_json({**run.to_dict(), **report.to_dict()} if run else report.to_dict(),
+                   json_path, protect)
     if not quiet:
         click.echo(report.to_text(), err=True)
 
@@ -289,3 +300,42 @@ def written_size(written) -> int | None:
         size += os.path.getsize(os.path.join(os.path.dirname(os.path.abspath(written.path)),
                                              written.data))
     return size
+
+
+# --- what every JSON report starts with ----------------------------------------------------------
+
+def versions() -> dict[str, str]:
+    """bnfold's, onnx's and onnxruntime's versions (onnxruntime imported on demand)."""
+    import onnxruntime
+
+    from bnfold import __version__
+    return {"bnfold": __version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+@dataclass
+class RunInfo:
+    """The head of a command's JSON report: schema version, versions, the paths read and
+    written, seconds per step (docs/JSON.md)."""
+
+    command: str
+    input: str | None = None
+    output: str | None = None
+    extra: dict = field(default_factory=dict)  # e.g. verify's "candidate"
+    steps: dict[str, float | None] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.steps[name] = (self.steps.get(name) or 0.0) + time.perf_counter() - start
+
+    def to_dict(self) -> dict:
+        timings = {name: None if s is None else round(s, 6) for name, s in self.steps.items()}
+        timings["total"] = round(time.perf_counter() - self.started, 6)
+        return {"schema_version": SCHEMA_VERSION, "command": self.command,
+                "versions": versions(), "input": self.input, "output": self.output,
+                **self.extra, "timings": timings}

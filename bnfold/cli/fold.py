@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 import click
 import onnx
 
-from bnfold.cli.common import (EXIT_STRICT, Command, emit, exit_failed, load_job, model_size,
-                               note_written, parse_dims, verify_options, written_size)
+from bnfold.cli.common import (EXIT_STRICT, Command, RunInfo, emit, load_job, model_size,
+                               note_written, parse_dims, report_failed, verify_options,
+                               written_size)
 from bnfold.commit import staged
 from bnfold.fold import fold, to_inference_mode
 from bnfold.io import load
@@ -47,8 +50,45 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
     OUTPUT is written only if onnxruntime finds that it computes the same outputs as INPUT
     (or with --no-verify or --force).
     """
-    sizes = parse_dims(dims)
-    job = load_job(input_path, output, in_place, dry_run, json_path, quiet, inputs)
+    options = FoldOptions(no_verify=no_verify, inputs=inputs, dims=parse_dims(dims), atol=atol,
+                          rtol=rtol, seed=seed, force=force, dry_run=dry_run,
+                          allow_initializer_inputs=allow_initializer_inputs,
+                          training_to_inference=training_to_inference,
+                          lower_standalone=lower_standalone, strict=strict)
+    code = fold_file(input_path, output, in_place, options, json_path, quiet)
+    if code:
+        click.get_current_context().exit(code)
+
+
+@dataclass
+class FoldOptions:
+    """What `bnfold fold` is asked to do to each model, but where it reads and writes."""
+
+    no_verify: bool = False
+    inputs: str | None = None
+    dims: dict[str, int] | None = None
+    atol: float | None = None
+    rtol: float | None = None
+    seed: int = 0
+    force: bool = False
+    dry_run: bool = False
+    allow_initializer_inputs: bool = False
+    training_to_inference: bool = False
+    lower_standalone: bool = False
+    strict: bool = False
+
+
+def fold_file(input_path: str, output: str | None, in_place: bool, options: FoldOptions,
+              json_path: str | None, quiet: bool, summary: list | None = None) -> int:
+    """Fold one model file, print (and write) its report; the exit code (0, 1 verification
+    failed, 3 --strict and a batch norm kept). Bad input raises BnfoldError (exit 2).
+    `summary`: a list to append the report's JSON to (batch runs)."""
+    run = RunInfo("fold", input=input_path,
+                  steps={"load": None, "fold": None, "save": None, "check": None})
+    with run.step("load"):
+        job = load_job(input_path, output, in_place, options.dry_run, json_path, quiet,
+                       options.inputs)
+    run.output = job.output
     progress = job.progress
     input_size = model_size(input_path, job.model, job.base_dir)
     progress("folding")
@@ -62,39 +102,53 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
             stack.enter_context(scratch_directory(stage.folder, job.output))
         # New weights wait on disk for `save` to stream them: in the output's stage folder,
         # or (a dry run of a model with external data) in TMPDIR.
-        folded, report = fold(job.model, base_dir=job.base_dir, inplace=True,  # not used again
-                              spill=True if stage else None,
-                              allow_initializer_inputs=allow_initializer_inputs,
-                              training_to_inference=training_to_inference,
-                              lower_standalone=lower_standalone)
+        with run.step("fold"):
+            folded, report = fold(job.model, base_dir=job.base_dir, inplace=True,  # not used again
+                                  spill=True if stage else None,
+                                  allow_initializer_inputs=options.allow_initializer_inputs,
+                                  training_to_inference=options.training_to_inference,
+                                  lower_standalone=options.lower_standalone)
         report.before.size = input_size
         if stage is None:
-            emit(report, json_path, quiet, job.reads)
-            _exit_if_kept(report, strict)
-            return
+            _emit(report, run, json_path, quiet, job.reads, summary)
+            return _strict_code(report, options.strict)
         progress("saving")
-        stage.save(folded, base_dir=job.base_dir, external_data=had_external_data or None)
-        if not no_verify:
+        with run.step("save"):
+            stage.save(folded, base_dir=job.base_dir, external_data=had_external_data or None)
+        if not options.no_verify:
             progress("verifying")
-            reference = input_path
-            if training_to_inference:  # the reference is the original as it runs in inference
-                reference = to_inference_mode(load(input_path, check=False))
-            report.verification = verify(reference, stage.path, inputs=inputs, dims=sizes,
-                                         atol=atol, rtol=rtol, seed=seed, base_dir=job.base_dir)
-            if not report.verification.passed and not force:
+            with run.step("check"):
+                reference = input_path
+                if options.training_to_inference:  # the original as it runs in inference
+                    reference = to_inference_mode(load(input_path, check=False))
+                report.verification = verify(reference, stage.path, inputs=options.inputs,
+                                             dims=options.dims, atol=options.atol,
+                                             rtol=options.rtol, seed=options.seed,
+                                             base_dir=job.base_dir)
+            if not report.verification.passed and not options.force:
                 stage.discard()
+        committing = time.perf_counter()
+    run.steps["save"] += time.perf_counter() - committing  # the commit: renames into place
     note_written(report, stage.written)
     report.after.size = written_size(stage.written)
-    emit(report, json_path, quiet, job.reads)
+    _emit(report, run, json_path, quiet, job.reads, summary)
     if report.verification and not report.verification.passed:
-        done = f"written to {job.output} anyway (--force)" if force else "nothing written"
-        exit_failed(report.verification, quiet, done)
-    _exit_if_kept(report, strict)
+        done = f"written to {job.output} anyway (--force)" if options.force else "nothing written"
+        report_failed(report.verification, quiet, done)
+        return 1
+    return _strict_code(report, options.strict)
 
 
-def _exit_if_kept(report, strict: bool) -> None:
+def _emit(report, run: RunInfo, json_path, quiet, protect, summary: list | None) -> None:
+    emit(report, json_path, quiet, protect, run)
+    if summary is not None:
+        summary.append({**run.to_dict(), **report.to_dict()})
+
+
+def _strict_code(report, strict: bool) -> int:
     """--strict: a kept batch norm fails the run (exit 3), after the report."""
     if strict and report.kept:
         names = ", ".join(d.node for d in report.kept)
         click.echo(f"bnfold: --strict: {len(report.kept)} batch norm(s) kept: {names}", err=True)
-        click.get_current_context().exit(EXIT_STRICT)
+        return EXIT_STRICT
+    return 0

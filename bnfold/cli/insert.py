@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import onnx
 
-from bnfold.cli.common import Command, emit, load_job, note_written
+from bnfold.cli.common import Command, RunInfo, emit, load_job, note_written
 from bnfold.commit import staged
 from bnfold.errors import BadInput, one_line
 from bnfold.insert import PRESETS, insert
@@ -66,20 +66,27 @@ def insert_command(input_path: str, output: str | None, in_place: bool, after: t
         raise BadInput(f"--identity chooses the initial values itself: drop {', '.join(given)}")
     if output is None and not in_place:
         raise BadInput("no output: give -o OUTPUT or --in-place")
-    job = load_job(input_path, output, in_place, False, json_path, quiet)
+    run = RunInfo("insert", input=input_path,
+                  steps={"load": None, "insert": None, "save": None, "check": None})
+    with run.step("load"):
+        job = load_job(input_path, output, in_place, False, json_path, quiet)
+    run.output = job.output
     job.progress("inserting")
-    result, report = insert(
-        job.model, after=after, ops=ops, all_layers=all_layers,
-        before_activation=before_activation, epsilon=epsilon, momentum=momentum, preset=preset,
-        training=training, identity=identity, base_dir=job.base_dir,
-        **{k: v for k, v in initial.items() if v is not None})
+    with run.step("insert"):
+        result, report = insert(
+            job.model, after=after, ops=ops, all_layers=all_layers,
+            before_activation=before_activation, epsilon=epsilon, momentum=momentum,
+            preset=preset, training=training, identity=identity, base_dir=job.base_dir,
+            **{k: v for k, v in initial.items() if v is not None})
     del job.model
     with staged(job.output, data_name=job.data_name, protect=job.protect) as stage:
         job.progress("saving")
-        stage.save(result, base_dir=job.base_dir)
-        try:
-            onnx.checker.check_model(stage.path, full_check=True)
-        except onnx.checker.ValidationError as err:
-            raise BadInput(f"the result fails onnx.checker: {one_line(err)}") from None
+        with run.step("save"):
+            stage.save(result, base_dir=job.base_dir)
+        with run.step("check"):
+            try:
+                onnx.checker.check_model(stage.path, full_check=True)
+            except onnx.checker.ValidationError as err:
+                raise BadInput(f"the result fails onnx.checker: {one_line(err)}") from None
     note_written(report, stage.written)
-    emit(report, json_path, quiet, job.reads)
+    emit(report, json_path, quiet, job.reads, run)

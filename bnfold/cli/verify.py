@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from bnfold.cli.common import (Command, emit, exit_failed, parse_dims, progress_reporter,
+from bnfold.cli.common import (Command, RunInfo, emit, exit_failed, parse_dims, progress_reporter,
                                reads_of, verify_options)
 from bnfold.io import load, load_inputs
 from bnfold.verify import verify
@@ -23,6 +23,8 @@ def verify_command(reference: str, candidate: str, inputs: str | None, dims: tup
     agrees, 1 if not.
     """
     sizes = parse_dims(dims)
+    run = RunInfo("verify", input=reference, extra={"candidate": candidate},
+                  steps={"load": None, "check": None})
     progress = progress_reporter(quiet)
     named = (("A", reference), ("B", candidate))
     paths = reads_of(inputs=inputs)
@@ -31,12 +33,14 @@ def verify_command(reference: str, candidate: str, inputs: str | None, dims: tup
     paths.write("--json", json_path)  # before any work; again below with the data files
     if inputs:
         load_inputs(inputs)
-    paths = reads_of(*[(label, path, load(path, progress=progress)) for label, path in named],
-                     inputs=inputs)
+    with run.step("load"):
+        paths = reads_of(*[(label, path, load(path, progress=progress)) for label, path in named],
+                         inputs=inputs)
     paths.write("--json", json_path)
     progress("verifying")
-    result = verify(reference, candidate, inputs=inputs, dims=sizes, atol=atol, rtol=rtol,
-                    seed=seed)
-    emit(result, json_path, quiet, paths.inputs)
+    with run.step("check"):
+        result = verify(reference, candidate, inputs=inputs, dims=sizes, atol=atol, rtol=rtol,
+                        seed=seed)
+    emit(result, json_path, quiet, paths.inputs, run)
     if not result.passed:
         exit_failed(result, quiet, "the models differ")
