@@ -6,6 +6,8 @@ collect dead constants -> report. Rules live in `bnfold.rules`; this module only
 
 from __future__ import annotations
 
+import os
+
 import onnx
 from onnx import helper
 
@@ -14,6 +16,7 @@ from bnfold.affine import Affine, bn_affine, cast_to, set_inference_mode, traini
 from bnfold.errors import BadInput
 from bnfold.graph import (MIN_OPSET, GraphView, NameAllocator, Scope, default_opset, infer_shapes,
                           is_external, remove_where)
+from bnfold.io import model_argument
 from bnfold.nodes import attr, display_name, graphs, subgraphs
 from bnfold.report import Decision, FoldReport, ModelStats
 from bnfold.rules import RULES
@@ -25,21 +28,23 @@ from bnfold.rules.plan import Plan, Rewriter, Spill, fill
 _RULE_REACH = 3
 
 
-def fold(model: onnx.ModelProto, *, base_dir: str | None = None,
+def fold(model: onnx.ModelProto | str | os.PathLike, *, base_dir: str | None = None,
          allow_initializer_inputs: bool = False, training_to_inference: bool = False,
          lower_standalone: bool = False, inplace: bool = False,
          spill: bool | None = None) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every batch norm of `model` that can be folded exactly; keep the others, with reasons.
 
+    `model`: a ModelProto or a path (loaded by `bnfold.load`; BadInput if it cannot be).
     Returns the folded model and a `FoldReport`. `model` is left untouched unless `inplace`.
     `base_dir` is the directory external data is read from, for models loaded without it.
     `spill`: write new weights to a scratch file (removed at exit) instead of memory, for
     `bnfold.save` to stream; the default spills for models whose weights are on disk.
     """
+    model, base_dir, loaded = model_argument(model, base_dir)
     opset = default_opset(model)
     if opset < MIN_OPSET:
         raise BadInput(f"unsupported opset {opset} (bnfold supports {MIN_OPSET} and newer)")
-    if not inplace:
+    if not (inplace or loaded):
         model = _copy(model)
     report = FoldReport(before=model_stats(model), producer=model.producer_name)
     original = changes.snapshot(model)

@@ -18,6 +18,7 @@ graph and feeds them back. `bnfold fold --training-to-inference` turns it back.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import Any
@@ -29,6 +30,7 @@ from onnx import helper, numpy_helper
 from bnfold.dense import DENSE_OPS, Layer, find_layers
 from bnfold.errors import BadInput, VerificationFailed, one_line
 from bnfold.graph import FLOAT_TYPES, MIN_OPSET, NameAllocator, default_opset, rename_uses
+from bnfold.io import model_argument
 from bnfold.report import VerifyReport
 from bnfold.verify import verify
 
@@ -132,13 +134,14 @@ class _Settings:
     before_activation: bool
 
 
-def insert(model: onnx.ModelProto, *, after=(), ops=(), all_layers: bool = False,
+def insert(model: onnx.ModelProto | str | os.PathLike, *, after=(), ops=(), all_layers: bool = False,
            before_activation: bool = False, epsilon: float | None = None,
            momentum: float | None = None, preset: str = "keras", gamma: float = 1.0,
            beta: float = 0.0, mean: float = 0.0, var: float = 1.0, training: bool = False,
            identity: bool = False, base_dir: str | None = None
            ) -> tuple[onnx.ModelProto, InsertReport]:
-    """Put a BatchNormalization after each selected layer; never mutates `model`.
+    """Put a BatchNormalization after each selected layer; never mutates `model` (a ModelProto
+    or a path, loaded by `bnfold.load`).
 
     Selection: `after` names or globs (fnmatch) over layer names, `ops` (restricts the layers to
     these ops; alone, selects all of them; needed for Conv/ConvTranspose), `all_layers`.
@@ -149,6 +152,7 @@ def insert(model: onnx.ModelProto, *, after=(), ops=(), all_layers: bool = False
     parameters making each BN exactly the identity in inference mode, checked with onnxruntime
     (raises VerificationFailed when not). The report names the BNs' trainable tensors and state.
     """
+    model, base_dir, _ = model_argument(model, base_dir)
     settings = _settings(preset, epsilon, momentum, gamma, beta, mean, var, identity, training,
                          before_activation)
     opset = default_opset(model)

@@ -7,12 +7,14 @@ works on a copy), so inspect and fold can never disagree.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+import os
 from typing import Any
 
 import onnx
 
 from bnfold.dense import DENSE_OPS, Layer, find_layers
 from bnfold.fold import fold
+from bnfold.io import model_argument
 from bnfold.report import Decision
 
 
@@ -43,9 +45,11 @@ class InspectReport:
         return "\n".join(lines)
 
 
-def inspect(model: onnx.ModelProto, *, ops=(), base_dir: str | None = None) -> InspectReport:
+def inspect(model: onnx.ModelProto | str | os.PathLike, *, ops=(), base_dir: str | None = None) -> InspectReport:
     """The layers of `model` whose op is in `ops` (default: Gemm and MatMul), and fold's
-    decision for each of its batch norms; `model` is not modified."""
+    decision for each of its batch norms; `model` (a ModelProto or a path, loaded by
+    `bnfold.load`) is not modified."""
+    model, base_dir, _ = model_argument(model, base_dir)
     layers = find_layers(model, tuple(ops) or DENSE_OPS)
     _, fold_report = fold(model, base_dir=base_dir)  # folds a copy; only the report is kept
     return InspectReport(layers=layers, batchnorms=fold_report.decisions)

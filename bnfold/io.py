@@ -87,6 +87,21 @@ def data_name(model: onnx.ModelProto) -> str | None:
     return max(plain, key=lambda n: counts[n]) if plain else None
 
 
+def model_argument(model, base_dir: str | os.PathLike | None = None
+                   ) -> tuple[onnx.ModelProto, str | os.PathLike | None, bool]:
+    """A model the API was given: a ModelProto as it is, or a path loaded with `load` (its
+    external data left on disk, read from the model's folder unless `base_dir`). Returns the
+    model, its base_dir and whether it was loaded here (so nobody else holds it). BadInput for
+    anything else."""
+    if isinstance(model, onnx.ModelProto):
+        return model, base_dir, False
+    if isinstance(model, (str, os.PathLike)):
+        loaded = load(model)
+        return loaded, base_dir or os.path.dirname(os.path.abspath(os.fspath(model))), True
+    raise BadInput(f"expected an onnx.ModelProto or a path to a model, not "
+                   f"{type(model).__name__}")
+
+
 def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The arrays of an .npz archive (name -> array), for `verify(inputs=...)`; BadInput, naming
     the file, for anything that is not an archive of plain numeric arrays."""
