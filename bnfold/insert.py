@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import Any
@@ -202,10 +203,11 @@ def _select(layers: list[Layer], *, after=(), ops=(), all_layers: bool = False) 
         raise BadInput(f"no layer selected (name one, or use an op or all); layers: {_names(pool)}")
     chosen: set[int] = set()
     for pattern in after:
-        hits = [layer for layer in pool if layer.name == pattern]
+        hits = _position(pattern, pool)
+        hits = hits if hits is not None else [layer for layer in pool if layer.name == pattern]
         hits = hits or [layer for layer in pool if fnmatchcase(layer.name, pattern)]
         if not hits:
-            raise BadInput(f"no layer matches '{pattern}'; layers: {_names(pool)}")
+            raise BadInput(f"no layer matches '{pattern}'; {_forms(pool)}")
         chosen.update(id(layer) for layer in hits)
     return [layer for layer in pool if id(layer) in chosen]
 
@@ -247,6 +249,26 @@ def _check(layer: Layer) -> None:
     if layer.dtype not in FLOAT_TYPES:
         kind = onnx.TensorProto.DataType.Name(layer.dtype) if layer.dtype else "unknown"
         raise BadInput(f"{where}: element type {kind} cannot be batch-normalized")
+
+
+def _position(pattern: str, pool: list[Layer]) -> list[Layer] | None:
+    """'#N': the N-th layer in graph order, counting from 1 (as `inspect` numbers them); None
+    when `pattern` is not of that form (a layer may be named '#2': its name wins)."""
+    match = re.fullmatch(r"#([0-9]+)", pattern)
+    if match is None or any(layer.name == pattern for layer in pool):
+        return None
+    n = int(match[1])
+    return [pool[n - 1]] if 1 <= n <= len(pool) else []
+
+
+def _forms(pool: list[Layer]) -> str:
+    """The layers and the forms that select them, for an error."""
+    names = [layer.name for layer in pool]
+    common = os.path.commonprefix(names)
+    glob = f"a glob ('{common}*'), " if common and len(names) > 1 else "a glob, "
+    last = f" to '#{len(pool)}'" if len(pool) > 1 else ""
+    return (f"layers: {_names(pool)} (select by name, {glob}or position in graph order: "
+            f"'#1'{last}, as `bnfold inspect` numbers them)")
 
 
 def _names(layers: list[Layer]) -> str:

@@ -27,17 +27,18 @@ class InspectReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "layers": [layer.to_dict() for layer in self.layers],
+            "layers": [{"position": i, **layer.to_dict()}
+                       for i, layer in enumerate(self.layers, 1)],
             "batchnorms": [{**asdict(d), "foldable": d.action == "folded"}
                            for d in self.batchnorms],
         }
 
     def to_text(self) -> str:
         lines = [f"layers: {len(self.layers)}"]
-        lines += _table(["layer", "op", "in", "out", "activation", "batch norm"],
-                        [[layer.name, layer.op, _count(layer.in_features),
+        lines += _table(["#", "layer", "op", "in", "out", "activation", "batch norm"],
+                        [[f"#{i}", layer.name, layer.op, _count(layer.in_features),
                           _count(layer.out_features), layer.activation_op or "-",
-                          _around(layer)] for layer in self.layers])
+                          _around(layer)] for i, layer in enumerate(self.layers, 1)])
         lines.append(f"batch norms: {len(self.batchnorms)}")
         lines += _table(["batch norm", "op", "foldable", "how / why not"],
                         [[_where(d), d.op, "yes" if d.action == "folded" else "no", _how(d)]
