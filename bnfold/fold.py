@@ -207,7 +207,7 @@ class _FoldRun:
                 self.report.decisions.append(Decision(
                     node=aff.name, action="folded", direction=result.direction,
                     into=display_name(result.into), graph=path, op=aff.op,
-                    nodes=[display_name(n) for n in aff.nodes]))
+                    nodes=[display_name(n) for n in aff.nodes], note=_one_channel(aff)))
                 del result  # its new weights are in the model now: not twice in memory
                 progress = True
         view = self.view(graph, outer)
@@ -218,7 +218,7 @@ class _FoldRun:
             if self.lower_standalone and aff is not None and op == "BatchNormalization":
                 action = "lowered" if self._lower(view, aff) else "kept"
             self.report.decisions.append(Decision(node=name, action=action, reason=reason,
-                                                  graph=path, op=op))
+                                                  graph=path, op=op, note=_one_channel(aff)))
         for node in graph.node:  # (lowering only added names no subgraph can read)
             for attr_name, sub in subgraphs(node):
                 self.fold_graph(sub, view.scope, f"{path}/{display_name(node)}:{attr_name}")
@@ -295,6 +295,14 @@ class _FoldRun:
             remove_where(graph.value_info, lambda v: v.name in doomed)
             removed += before - len(graph.initializer) - len(graph.node)
         return removed
+
+
+def _one_channel(aff: Affine | None) -> str | None:
+    """A warning for a BatchNormalization with one channel: a single scale and shift for all
+    features, most likely a normalised axis of size 1 (Keras's axis=1 on [batch, 1, F])."""
+    if aff is None or aff.op != "BatchNormalization" or aff.scale.size != 1:
+        return None
+    return "one channel: a single scale and shift for every feature (an axis of size 1?)"
 
 
 def _is_pure(node: onnx.NodeProto) -> bool:

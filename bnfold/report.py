@@ -26,9 +26,10 @@ class Decision:
         if self.action == "folded":
             text = f"folded   {self.node}{where} {self.direction} into {self.into}"
             return text + (f" (note: {self.note})" if self.note else "")
+        note = f" (note: {self.note})" if self.note else ""
         if self.action == "lowered":
-            return f"lowered  {self.node}{where} to Mul+Add ({self.reason})"
-        return f"kept     {self.node}{where}: {self.reason}"
+            return f"lowered  {self.node}{where} to Mul+Add ({self.reason}){note}"
+        return f"kept     {self.node}{where}: {self.reason}{note}"
 
 
 @dataclass

@@ -24,6 +24,10 @@ from bnfold.insert import PRESETS, insert
 @click.option("--before-activation", is_flag=True,
               help="Between the layer and its activation (torch's Linear -> BN -> ReLU) "
                    "[default: after the activation, as in Keras].")
+@click.option("--axis", type=int, metavar="N",
+              help="The axis of the layer's output to normalise, as Keras's "
+                   "BatchNormalization(axis=N); negative counts from the end [default: the "
+                   "features: -1 for Dense, 1 for Conv].")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="keras", show_default=True,
               help="Default epsilon and momentum: keras 1e-3, 0.99; torch 1e-5, 0.9.")
 @click.option("--epsilon", type=float, help="BN epsilon [default: by preset].")
@@ -50,7 +54,8 @@ def insert_command(input_path: str, output: str | None, in_place: bool, after: t
                    ops: tuple[str, ...], all_layers: bool, before_activation: bool, preset: str,
                    epsilon: float | None, momentum: float | None, gamma: float | None,
                    beta: float | None, mean: float | None, var: float | None, training: bool,
-                   identity: bool, json_path: str | None, quiet: bool) -> None:
+                   identity: bool, json_path: str | None, quiet: bool,
+                   axis: int | None) -> None:
     """Insert a BatchNormalization after the selected Dense layers of INPUT; write OUTPUT.
 
     Rank-3 Dense outputs [batch, seq, features] are normalised over their features (Keras
@@ -77,6 +82,7 @@ def insert_command(input_path: str, output: str | None, in_place: bool, after: t
             job.model, after=after, ops=ops, all_layers=all_layers,
             before_activation=before_activation, epsilon=epsilon, momentum=momentum,
             preset=preset, training=training, identity=identity, base_dir=job.base_dir,
+            axis=axis,
             **{k: v for k, v in initial.items() if v is not None})
     del job.model
     with staged(job.output, data_name=job.data_name, protect=job.protect) as stage:
