@@ -217,8 +217,10 @@ class _FoldRun:
             action = "kept"
             if self.lower_standalone and aff is not None and op == "BatchNormalization":
                 action = "lowered" if self._lower(view, aff) else "kept"
-            self.report.decisions.append(Decision(node=name, action=action, reason=reason,
-                                                  graph=path, op=op, note=_one_channel(aff)))
+            self.report.decisions.append(Decision(
+                node=name, action=action, reason=reason, graph=path, op=op,
+                nodes=[display_name(n) for n in aff.nodes] if aff is not None else [name],
+                note=_one_channel(aff)))
         for node in graph.node:  # (lowering only added names no subgraph can read)
             for attr_name, sub in subgraphs(node):
                 self.fold_graph(sub, view.scope, f"{path}/{display_name(node)}:{attr_name}")

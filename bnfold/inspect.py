@@ -15,6 +15,7 @@ import onnx
 from bnfold.dense import DENSE_OPS, Layer, find_layers
 from bnfold.fold import fold
 from bnfold.io import model_argument
+from bnfold.nodes import display_name
 from bnfold.report import Decision
 
 
@@ -53,7 +54,60 @@ def inspect(model: onnx.ModelProto | str | os.PathLike, *, ops=(), base_dir: str
     model, base_dir, _ = model_argument(model, base_dir)
     layers = find_layers(model, tuple(ops) or DENSE_OPS)
     _, fold_report = fold(model, base_dir=base_dir)  # folds a copy; only the report is kept
+    _place_chains(model, layers, fold_report.decisions)
     return InspectReport(layers=layers, batchnorms=fold_report.decisions)
+
+
+_PASS_THROUGH = ("Cast", "Transpose")  # between a layer and a chain, as Keras exports them
+
+
+def _place_chains(model: onnx.ModelProto, layers: list[Layer], decisions: list[Decision]) -> None:
+    """Name the decomposed batch norms (Sub/Mul/Add chains, as Keras writes them) in the layer
+    table too: after the layer whose output (or activation) they read, before the layer that
+    reads theirs, Casts, layout Transposes and bias Adds in between skipped."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    by_name = {display_name(n): n for n in model.graph.node}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+
+    def upstream(value: str) -> set[str]:
+        seen = {value}
+        while value in producer:
+            node = producer[value]
+            varying = [i for i in node.input if i not in constants]
+            if not (node.op_type in _PASS_THROUGH or  # or a bias Add after a layout Transpose
+                    (node.op_type == "Add" and len(varying) == 1 and len(node.input) == 2)):
+                break
+            value = varying[0] if node.op_type == "Add" else node.input[0]
+            seen.add(value)
+        return seen
+
+    def downstream(value: str) -> set[str]:
+        seen = {value}
+        users = readers.get(value, [])
+        while len(users) == 1 and users[0].op_type in _PASS_THROUGH:
+            value = users[0].output[0]
+            seen.add(value)
+            users = readers.get(value, [])
+        return seen
+
+    for d in decisions:
+        chain = [by_name.get(n) for n in d.nodes]
+        if d.op != "affine" or d.graph != "main" or not chain or None in chain:
+            continue
+        x = next((i for i in chain[0].input if i not in constants), chain[0].input[0])
+        before, after = upstream(x), downstream(chain[-1].output[0])
+        for layer in layers:
+            outputs = {layer.output} | ({layer.activation.output[0]} if layer.activation else set())
+            if layer.batchnorm is None and outputs & before:
+                layer.batchnorm = d.node
+            if layer.batchnorm_before is None and layer.node.input[0] in after:
+                layer.batchnorm_before = d.node
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
