@@ -102,9 +102,14 @@ def model_argument(model, base_dir: str | os.PathLike | None = None
                    f"{type(model).__name__}")
 
 
+INPUT_PREFIX = "input__"
+
+
 def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The arrays of an .npz archive (name -> array), for `verify(inputs=...)`; BadInput, naming
-    the file, for anything that is not an archive of plain numeric arrays."""
+    the file, for anything that is not an archive of plain numeric arrays. An archive with keys
+    `input__NAME` (as models/*.npz, which also hold expected outputs) gives those arrays as the
+    inputs NAME, and nothing else."""
     path = os.fspath(path)
     _check_regular(path, "inputs ")
     if os.path.getsize(path) == 0:
@@ -130,6 +135,9 @@ def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
                                f"({one_line(err)})") from None
     if not arrays:
         raise BadInput(f"inputs {path}: the archive holds no arrays")
+    if any(name.startswith(INPUT_PREFIX) for name in arrays):  # models/*.npz: inputs and more
+        return {name[len(INPUT_PREFIX):]: array for name, array in arrays.items()
+                if name.startswith(INPUT_PREFIX)}
     return arrays
 
 

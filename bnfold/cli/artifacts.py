@@ -44,6 +44,10 @@ def artifacts_command(input_path: str, directory: str, loss: str, optimizer: str
     Needs onnxruntime-training, in its own environment (it replaces onnxruntime). After
     training, export the model with Module.export_model_for_inferencing(PATH, OUTPUTS), then
     `bnfold fold PATH`.
+
+    \b
+    Example:
+      bnfold artifacts model.bn.onnx -o artifacts --loss cross-entropy
     """
     run = RunInfo("artifacts", input=input_path, output=directory,
                   steps={"load": None, "artifacts": None})

@@ -90,7 +90,8 @@ def verify_options(command: Callable) -> Callable:
         click.option("--inputs", metavar="FILE.npz",
                      help="Compare on these inputs (name -> array) instead of random ones."),
         click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE",
-                     help="Size of a symbolic input dimension (repeatable)."),
+                     help="Size of a symbolic input dimension (repeatable) [default: distinct "
+                          "odd primes, 3, 5, 7, ..., equal to no size in the model]."),
         click.option("--atol", type=float, help="Absolute tolerance [default: by dtype]."),
         click.option("--rtol", type=float, help="Relative tolerance [default: by dtype]."),
         click.option("--seed", type=int, default=0, show_default=True,

@@ -49,6 +49,12 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
 
     OUTPUT is written only if onnxruntime finds that it computes the same outputs as INPUT
     (or with --no-verify or --force).
+
+    \b
+    Examples:
+      bnfold fold model.onnx -o model.folded.onnx
+      bnfold fold model.onnx -o model.folded.onnx --inputs data.npz --json report.json
+      bnfold fold model.onnx --dry-run --strict      # CI: exit 3 if a batch norm stays
     """
     options = FoldOptions(no_verify=no_verify, inputs=inputs, dims=parse_dims(dims), atol=atol,
                           rtol=rtol, seed=seed, force=force, dry_run=dry_run,

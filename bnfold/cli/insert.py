@@ -16,7 +16,8 @@ from bnfold.insert import PRESETS, insert
 @click.option("-o", "--output", metavar="OUTPUT", help="Where to write the model.")
 @click.option("--in-place", is_flag=True, help="Overwrite INPUT (and its data file, keeping its name).")
 @click.option("--after", multiple=True, metavar="NAME",
-              help="A layer name or glob, as `bnfold inspect` lists them (repeatable).")
+              help="A layer name, a glob, or '#N': the N-th layer in graph order, as `bnfold "
+                   "inspect` lists and numbers them (repeatable).")
 @click.option("--op", "ops", multiple=True, metavar="OP",
               help="Only layers of this op; alone, all of them. Conv and ConvTranspose are "
                    "candidates only when named here (repeatable).")
@@ -63,6 +64,12 @@ def insert_command(input_path: str, output: str | None, in_place: bool, after: t
 
     The report names each BN's trainable tensors (scale, shift) and its state (running mean
     and variance: a trainer updates them itself; freeze them for the optimizer).
+
+    \b
+    Examples:
+      bnfold insert model.onnx -o model.bn.onnx --after dense_2
+      bnfold insert model.onnx -o model.bn.onnx --after '#2'     # second layer inspect lists
+      bnfold insert model.onnx -o model.bn.onnx --all --preset torch --before-activation
     """
 
     initial = {"gamma": gamma, "beta": beta, "mean": mean, "var": var}

@@ -21,7 +21,15 @@ from bnfold.io import load
               help="Also write the report as JSON ('-': only JSON, on stdout).")
 def inspect_command(model_path: str, ops: tuple[str, ...], json_path: str | None) -> None:
     """List the Dense layers of MODEL (op, features, activation, batch norm around them) and
-    say, for each batch norm, whether `bnfold fold` can fold it and why not."""
+    say, for each batch norm, whether `bnfold fold` can fold it and why not.
+
+    Layers are numbered in graph order: `bnfold insert --after '#2'` selects the second.
+
+    \b
+    Examples:
+      bnfold inspect model.onnx
+      bnfold inspect model.onnx --op Conv --json -
+    """
 
     run = RunInfo("inspect", input=model_path, steps={"load": None, "inspect": None})
     paths = reads_of()

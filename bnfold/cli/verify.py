@@ -21,6 +21,11 @@ def verify_command(reference: str, candidate: str, inputs: str | None, dims: tup
 
     Both run in onnxruntime, unoptimised, on the same inputs. Exit code 0 if every output
     agrees, 1 if not.
+
+    \b
+    Examples:
+      bnfold verify model.onnx model.folded.onnx
+      bnfold verify model.onnx model.folded.onnx --dim batch=16 --atol 1e-4 --json -
     """
     sizes = parse_dims(dims)
     run = RunInfo("verify", input=reference, extra={"candidate": candidate},
