@@ -55,23 +55,26 @@ def fold(model: onnx.ModelProto | str | os.PathLike, *, base_dir: str | None = N
                                 f"outputs {', '.join(dropped)}")
     run = _FoldRun(model, base_dir, allow_initializer_inputs, lower_standalone, spill, report)
     report.removed_casts = remove_noop_casts(model, run.types)
-    cast_free = changes.snapshot(model) if report.removed_casts else original
+    cast_free = changes.snapshot(model)
     run.fold_graph(model.graph, None, "main")
+    rewritten = changes.snapshot(model)
     run.collect_garbage()
     report.after = model_stats(model)
-    _report_changes(report, original, cast_free, model)
+    _report_changes(report, [original, cast_free, rewritten, changes.snapshot(model)])
     return model, report
 
 
-def _report_changes(report: FoldReport, original, cast_free, model: onnx.ModelProto) -> None:
-    """Decisions in graph order; the other nodes the pass removed, by why."""
-    order = changes.graph_order(original)
+def _report_changes(report: FoldReport, snapshots: list) -> None:
+    """Decisions in graph order; the other nodes the pass removed, by why: between the
+    snapshots taken before and after removing no-op Casts, the folds, and collecting dead
+    constants."""
+    order = changes.graph_order(snapshots[0])
     report.decisions.sort(key=lambda d: order.get((d.graph, d.node), len(order)))
     batch_norms = {(d.graph, n) for d in report.decisions for n in [d.node, *d.nodes]}
-    if cast_free is not original:
-        report.removed += changes.removed_nodes(original, cast_free, "no-op", batch_norms)
-    report.removed += changes.removed_nodes(cast_free, changes.snapshot(model),
-                                            "unused after folding", batch_norms)
+    whys = ["no-op", "merged into a layer", "unused after folding"]
+    for why, before, after in zip(whys, snapshots, snapshots[1:]):
+        report.removed += changes.removed_nodes(before, after, why, batch_norms)
+    report.removed.sort(key=lambda r: order.get((r.graph, r.name), len(order)))
 
 
 def to_inference_mode(model: onnx.ModelProto) -> onnx.ModelProto:

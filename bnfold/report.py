@@ -106,13 +106,14 @@ class ModelStats:
 
 @dataclass
 class RemovedNode:
-    """A node other than a batch norm that the pass removed: a no-op Cast, a constant the folds
-    left unread."""
+    """A node other than a batch norm that the pass removed: a no-op Cast, a bias Add merged
+    into its layer, a constant the folds left unread."""
 
     op: str
     name: str  # display name: the node's name, or its first output
     graph: str = "main"
-    why: str = ""  # "no-op" (a Cast to its input's type), "unused after folding"
+    why: str = ""  # "no-op" (a Cast to its input's type), "merged into a layer" (a bias Add
+    # the fold took into the layer's bias), "unused after folding" (a constant left unread)
 
 
 @dataclass

@@ -25,7 +25,7 @@ _TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null":
 
 def errors(value, schema, root=SCHEMA, where="$") -> list[str]:
     """Where `value` breaks `schema`: type, const, enum, required, properties,
-    additionalProperties, items, minimum, $ref (local), allOf, anyOf, if/then."""
+    additionalProperties, items, minimum, $ref (local), allOf, anyOf, if/then/else."""
     if "$ref" in schema:
         target = root
         for part in schema["$ref"].removeprefix("#/").split("/"):
@@ -57,8 +57,9 @@ def errors(value, schema, root=SCHEMA, where="$") -> list[str]:
         found += errors(value, sub, root, where)
     if "anyOf" in schema and all(errors(value, sub, root, where) for sub in schema["anyOf"]):
         found.append(f"{where}: matches none of anyOf")
-    if "if" in schema and not errors(value, schema["if"], root, where):
-        found += errors(value, schema.get("then", {}), root, where)
+    if "if" in schema:
+        branch = "else" if errors(value, schema["if"], root, where) else "then"
+        found += errors(value, schema.get(branch, {}), root, where)
     return found
 
 

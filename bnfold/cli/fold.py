@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -9,10 +10,12 @@ from dataclasses import dataclass
 import click
 import onnx
 
+from bnfold.cli.batch import model_files, plan_outputs, run_batch
 from bnfold.cli.common import (EXIT_STRICT, Command, RunInfo, emit, load_job, model_size,
                                note_written, parse_dims, report_failed, verify_options,
                                written_size)
 from bnfold.commit import staged
+from bnfold.errors import BadInput
 from bnfold.fold import fold, to_inference_mode
 from bnfold.io import load
 from bnfold.rules.plan import scratch_directory
@@ -20,8 +23,13 @@ from bnfold.verify import verify
 
 
 @click.command("fold", cls=Command)
-@click.argument("input_path", metavar="INPUT")
+@click.argument("input_paths", metavar="INPUT...", nargs=-1, required=True)
 @click.option("-o", "--output", metavar="OUTPUT", help="Where to write the folded model.")
+@click.option("--output-dir", metavar="OUT",
+              help="Several models (files, or folders of .onnx files): write each to OUT under "
+                   "its own file name (OUT is created; its parent must exist).")
+@click.option("--jobs", type=int, default=1, show_default=True, metavar="N",
+              help="Several models: fold them in N worker processes.")
 @click.option("--in-place", is_flag=True, help="Overwrite INPUT (and its data file, keeping its name).")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime equivalence check.")
 @verify_options
@@ -36,12 +44,13 @@ from bnfold.verify import verify
 @click.option("--strict", is_flag=True,
               help=f"Exit {EXIT_STRICT} if any batch norm is kept (the output is written all "
                    f"the same), for a pipeline that requires every BN folded.")
-def fold_command(input_path: str, output: str | None, in_place: bool, no_verify: bool,
+def fold_command(input_paths: tuple[str, ...], output: str | None, output_dir: str | None,
+                 jobs: int, in_place: bool, no_verify: bool,
                  inputs: str | None, dims: tuple[str, ...], atol: float | None,
                  rtol: float | None, seed: int, json_path: str | None, quiet: bool, force: bool,
                  dry_run: bool, allow_initializer_inputs: bool, training_to_inference: bool,
                  lower_standalone: bool, strict: bool) -> None:
-    """Fold the batch norms of INPUT into their neighbouring layers.
+    """Fold the batch norms of INPUT (or of each INPUT) into their neighbouring layers.
 
     Batch norms are BatchNormalization nodes and the Sub/Mul/Add/Div chains by per-channel
     constants that Keras and other exporters write; no-op Casts are removed. What cannot be
@@ -49,6 +58,10 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
 
     OUTPUT is written only if onnxruntime finds that it computes the same outputs as INPUT
     (or with --no-verify or --force).
+
+    Several models (files, or folders standing for the .onnx files in them) are folded in one
+    run with --output-dir, in this process or in --jobs N workers; each report is printed,
+    --json gets one summary, and the exit code is the worst of the models' (2, then 1, then 3).
 
     \b
     Examples:
@@ -61,7 +74,14 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
                           allow_initializer_inputs=allow_initializer_inputs,
                           training_to_inference=training_to_inference,
                           lower_standalone=lower_standalone, strict=strict)
-    code = fold_file(input_path, output, in_place, options, json_path, quiet)
+    if len(input_paths) == 1 and not os.path.isdir(input_paths[0]) and output_dir is None:
+        code = fold_file(input_paths[0], output, in_place, options, json_path, quiet)
+    else:
+        if output is not None:
+            raise BadInput("several models: -o names one output; give --output-dir OUT")
+        files = model_files(input_paths)
+        outputs = plan_outputs(files, output_dir, in_place, dry_run)
+        code = run_batch(files, outputs, in_place, options, json_path, quiet, jobs)
     if code:
         click.get_current_context().exit(code)
 
