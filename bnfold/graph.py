@@ -46,6 +46,15 @@ def free_names(graph: onnx.GraphProto) -> set[str]:
     return used - defined
 
 
+def defined_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a graph defines itself (its inputs, initializers, node outputs): inside it, they
+    shadow any outer value of the same name."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}
+    defined.update(o for node in graph.node for o in node.output if o)
+    return defined
+
+
 def all_names(model: onnx.ModelProto) -> set[str]:
     """Every tensor and node name in the model, subgraphs included."""
     names: set[str] = set()
@@ -191,6 +200,23 @@ class Scope:
     overridable: set[str] = field(default_factory=set)  # initializers a caller may override
     initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
     constant_nodes: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    # every name the graph defines (inputs, node outputs, initializers): a lookup from an inner
+    # graph stops here, since such a name shadows any outer one
+    defined: set[str] = field(default_factory=set)
+
+    def lookup(self, name: str) -> tuple[Scope, str] | None:
+        """The scope whose definition of `name` a reader in this scope sees, and its kind
+        ("initializer", "constant" or "computed"); None when no scope defines it."""
+        scope = self
+        while scope is not None:
+            if name in scope.initializers:
+                return scope, "initializer"
+            if name in scope.constant_nodes:
+                return scope, "constant"
+            if name in scope.defined:
+                return scope, "computed"
+            scope = scope.outer
+        return None
 
 
 class GraphView:
@@ -208,6 +234,7 @@ class GraphView:
         self.scope = Scope(graph, outer)
         self.scope.initializers = {t.name: t for t in graph.initializer}
         input_names = {i.name for i in graph.input}
+        self.scope.defined = input_names | set(self.scope.initializers)
         if not self.legacy_inputs and not allow_initializer_inputs:
             self.scope.overridable = input_names & set(self.scope.initializers)
         self.producer: dict[str, onnx.NodeProto] = {}
@@ -218,6 +245,7 @@ class GraphView:
             for o in node.output:
                 if o:
                     self.producer[o] = node
+                    self.scope.defined.add(o)
             used = [n for n in node.input if n]
             for _, sub in subgraphs(node):
                 used += sorted(free_names(sub))
@@ -262,34 +290,30 @@ class GraphView:
         if node is not None and node.op_type != "Constant":  # computed from constants only?
             value = computed_constant(self, name)
             return value if value is not None else f"'{name}' is not constant"
-        scope = self.scope
-        while scope is not None:
-            if name in scope.initializers:
-                if name in scope.overridable:
-                    return (f"initializer '{name}' is also a graph input (a caller may override "
-                            f"it; allow with --allow-initializer-inputs)")
-                return tensor_value(scope.initializers[name], self.base_dir)
-            if name in scope.constant_nodes:
-                value = constant_node_value(scope.constant_nodes[name])
-                return value if value is not None else f"'{name}' is a sparse constant"
-            scope = scope.outer
-        return f"'{name}' is not constant"
+        found = self.scope.lookup(name)
+        if found is None or found[1] == "computed":  # a graph input, or a node's output
+            return f"'{name}' is not constant"
+        scope, kind = found
+        if kind == "initializer":
+            if name in scope.overridable:
+                return (f"initializer '{name}' is also a graph input (a caller may override "
+                        f"it; allow with --allow-initializer-inputs)")
+            return tensor_value(scope.initializers[name], self.base_dir)
+        value = constant_node_value(scope.constant_nodes[name])
+        return value if value is not None else f"'{name}' is a sparse constant"
 
     def constant_dtype(self, name: str) -> int | None:
         node = self.producer.get(name)
         if node is not None and node.op_type == "Identity":
             return self.constant_dtype(node.input[0])
-        scope = self.scope
-        while scope is not None:
-            if name in scope.initializers:
-                return scope.initializers[name].data_type
-            if name in scope.constant_nodes:
-                value = scope.constant_nodes[name]
-                for a in value.attribute:
-                    if a.name == "value":
-                        return a.t.data_type
-                return onnx.TensorProto.FLOAT
-            scope = scope.outer
+        found = self.scope.lookup(name)
+        if found is not None and found[1] == "initializer":
+            return found[0].initializers[name].data_type
+        if found is not None and found[1] == "constant":
+            for a in found[0].constant_nodes[name].attribute:
+                if a.name == "value":
+                    return a.t.data_type
+            return onnx.TensorProto.FLOAT
         return self.types.get(name)
 
 
@@ -300,6 +324,8 @@ def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
             if name == old:
                 node.input[i] = new
         for _, sub in subgraphs(node):
+            if old in defined_names(sub):  # the body's own `old` shadows ours
+                continue
             rename_uses(sub, old, new)
             for output in sub.output:  # a body may return an outer value directly
                 if output.name == old:

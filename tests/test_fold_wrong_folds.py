@@ -1,0 +1,146 @@
+"""Regression tests for folds that were wrong while the check passed (issue 7): names shadowed in
+subgraphs, stale value_info, fp16 range, broadcasting affine maps, and float32 epsilon.
+
+Each builds the tiny model that broke and compares the folded model with the original in
+unoptimised onnxruntime on the inputs that showed the bug.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from builders import (
+    SPATIAL,
+    GraphBuilder,
+    bn_affine,
+    conv_bn,
+    count_ops,
+    find_node,
+    fold_checked,
+    kept_reason,
+    random_feeds,
+    run_model,
+    tensor_value,
+    trained_bn_params,
+)
+
+
+# --- (a) scoping of names in subgraphs -----------------------------------------------------
+
+def loop_shadowing_bn_scale(*, seed: int = 0) -> onnx.ModelProto:
+    """x -> Conv -> BN(bn_*) -> Loop(trips) whose body carries a value named `bn_scale`, like
+    the outer initializer, starting from it and growing each iteration; the body's BN reads
+    that carried value as its scale (its other parameters from the outer scope)."""
+    b = GraphBuilder(seed=seed)
+    x = b.input("x", ["batch", 4, *SPATIAL[2]])
+    trips = b.input("trips", [], TensorProto.INT64)
+    keep_going = b.const("keep_going", np.array(True))
+    y = b.node("Conv", [x, b.weight("W0", [4, 4, 1, 1])], name="conv0", kernel_shape=[1, 1])
+    y = b.bn(y, 4, name="bn")
+    body = GraphBuilder(seed=seed + 1, name="loop_body")
+    body.input("i", [], TensorProto.INT64)
+    body.input("cond_in", [], TensorProto.BOOL)
+    body.input("v_in", ["batch", 4, *SPATIAL[2]])
+    body.input("bn_scale", [4])  # shadows the outer initializer of the same name
+    conv = body.node("Conv", ["v_in", body.weight("body_W", [4, 4, 1, 1])], name="body_conv",
+                     kernel_shape=[1, 1])
+    body.nodes.append(helper.make_node("BatchNormalization",
+                                       [conv, "bn_scale", "bn_bias", "bn_mean", "bn_var"],
+                                       ["body_bn_out"], name="body_bn"))
+    body.node("Tanh", ["body_bn_out"], name="body_act", outputs=["v_out"])
+    growth = body.const("growth", np.full([4], 1.5, np.float32))
+    body.node("Mul", ["bn_scale", growth], name="grow", outputs=["s_out"])
+    body.node("Identity", ["cond_in"], name="body_cond", outputs=["cond_out"])
+    graph = body.subgraph([
+        helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+        helper.make_tensor_value_info("v_out", TensorProto.FLOAT, ["batch", 4, *SPATIAL[2]]),
+        helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [4]),
+    ])
+    b.node("Loop", [trips, keep_going, y, "bn_scale"], name="loop", outputs=["y", "s_final"],
+           body=graph)
+    b.output("y", declared=helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                          ["batch", 4, *SPATIAL[2]]))
+    return b.build()
+
+
+def _trip_feeds(model, trips):
+    feeds = []
+    for n in trips:
+        f = random_feeds(model, seed=n)
+        f["trips"] = np.array(n, dtype=np.int64)
+        feeds.append(f)
+    return feeds
+
+
+def test_loop_body_input_shadowing_an_outer_bn_parameter_is_not_that_constant():
+    model = loop_shadowing_bn_scale()
+    folded, report = fold_checked(model, _trip_feeds(model, [1, 2, 5, 8]))
+    decisions = {d.node: d for d in report.decisions}
+    assert decisions["bn"].action == "folded"  # the outer BN reads the initializer: it folds
+    assert decisions["body_bn"].action == "kept"
+    assert "'bn_scale' is not constant" in decisions["body_bn"].reason
+    assert count_ops(folded)["BatchNormalization"] == 1
+
+
+def test_rename_uses_stops_at_a_subgraph_that_redefines_the_name():
+    from bnfold.graph import rename_uses
+
+    body = helper.make_graph(
+        [helper.make_node("Neg", ["v"], ["w"]), helper.make_node("Relu", ["outer"], ["u"])],
+        "body", [helper.make_tensor_value_info("v", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("w", TensorProto.FLOAT, [1]),
+         helper.make_tensor_value_info("u", TensorProto.FLOAT, [1])])
+    shadowing = helper.make_graph(
+        [helper.make_node("Neg", ["v"], ["w"])], "shadowing",
+        [helper.make_tensor_value_info("v", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("w", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["v"], ["r"]),
+         helper.make_node("If", ["c"], ["a", "b"], then_branch=body, else_branch=body),
+         helper.make_node("Scan", ["r"], ["s"], body=shadowing, num_scan_inputs=1)],
+        "main", [], [])
+    rename_uses(graph, "v", "v2")
+    rename_uses(graph, "outer", "outer2")
+    assert list(graph.node[0].input) == ["v2"]
+    then = graph.node[1].attribute[0].g
+    assert list(then.node[0].input) == ["v"]  # the body's own input v
+    assert list(then.node[1].input) == ["outer2"]  # an outer value: renamed
+    assert list(graph.node[2].attribute[0].g.node[0].input) == ["v"]
+
+
+# --- float32 epsilon -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("epsilon", [None, 1e-5, 1e-3])
+def test_var_minus_float32_epsilon_is_kept_not_folded(epsilon):
+    """var = -eps in float32 gives var + eps == 0 in onnxruntime (float32): BN must stay.
+    With the double 1e-5 the sum was 2.5e-13 and the fold scaled the channel by 2e6."""
+    eps32 = np.float32(1e-5 if epsilon is None else epsilon)
+    params = trained_bn_params(6, np.random.default_rng(1))
+    params["var"][3] = -float(eps32)
+    attrs = {} if epsilon is None else {"epsilon": float(eps32)}
+    model = conv_bn(bn_values=params, **attrs)
+    if epsilon is None:
+        assert not any(a.name == "epsilon" for n in model.graph.node for a in n.attribute)
+    _, report = fold_checked(model)
+    assert "var + eps <= 0 on channel 3" in kept_reason(report)
+
+
+def test_default_epsilon_is_the_float32_value():
+    """With var + eps near 1e-7 the double and the float32 1e-5 give scales 2.5e-6 apart
+    (40 float32 ulps): the folded weights must use the float32 one, as onnxruntime does."""
+    params = trained_bn_params(6, np.random.default_rng(4))
+    params["var"][:] = np.float32(-9.9e-6)
+    model = conv_bn(bn_values=params)
+    folded, report = fold_checked(model)
+    assert len(report.folded) == 1
+    stored = {k: v.astype(np.float32).astype(np.float64) for k, v in params.items()}
+    w = tensor_value(model, "conv_W").astype(np.float64)
+    as_float32 = bn_affine(stored)[0]
+    as_double = stored["scale"] / np.sqrt(stored["var"] + 1e-5)
+    for s, expected_equal in ((as_float32, True), (as_double, False)):
+        expected = (w * s[:, None, None, None]).astype(np.float32)
+        got = tensor_value(folded, find_node(folded, "Conv").input[1])
+        assert np.array_equal(got, expected) == expected_equal, eps
