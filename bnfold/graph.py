@@ -101,15 +101,22 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, in
     Shapes map names to tuples of int | str | None; types map names to TensorProto element types.
 
     Runs on a skeleton of the model (large initializers without their data), so it costs no
-    memory for the weights and works for models over 2 GB.
+    memory for the weights and works for models over 2 GB. Shapes come from the graph inputs,
+    the initializers and the operators only: the model's `value_info` and the shapes declared
+    for its outputs are dropped first, since tools leave annotations there that no longer hold.
     """
     skeleton = onnx.ModelProto()
     skeleton.ir_version = model.ir_version
     skeleton.opset_import.extend(model.opset_import)
     skeleton.functions.extend(model.functions)
     g = skeleton.graph
-    for field_name in ("node", "input", "output", "value_info"):
+    for field_name in ("node", "input", "output"):
         getattr(g, field_name).extend(getattr(model.graph, field_name))
+    for output in g.output:
+        output.type.tensor_type.ClearField("shape")
+    for node in g.node:
+        for _, sub in subgraphs(node):
+            _drop_value_info(sub)
     g.name = model.graph.name
     for t in model.graph.initializer:
         light = g.initializer.add()
@@ -153,6 +160,13 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, in
 
     visit(inferred.graph)
     return shapes, types
+
+
+def _drop_value_info(graph: onnx.GraphProto) -> None:
+    del graph.value_info[:]
+    for node in graph.node:
+        for _, sub in subgraphs(node):
+            _drop_value_info(sub)
 
 
 def is_external(t: onnx.TensorProto) -> bool:

@@ -144,3 +144,63 @@ def test_default_epsilon_is_the_float32_value():
         expected = (w * s[:, None, None, None]).astype(np.float32)
         got = tensor_value(folded, find_node(folded, "Conv").input[1])
         assert np.array_equal(got, expected) == expected_equal, eps
+
+
+# --- (b) shapes from the graph's own dims, not from stale value_info -----------------------
+
+def matmul3d_bn_with_stale_value_info() -> onnx.ModelProto:
+    """x[batch, seq, 8] -> MatMul(W[8, 4]) -> BN(4) -> y: BN normalises axis 1, `seq` (the
+    model runs at seq = 4 only), not MatMul's feature axis. A stale value_info says the
+    MatMul output is [batch, 4], which made it look like a rank-2 Dense output."""
+    b = GraphBuilder(seed=0)
+    x = b.input("x", ["batch", "seq", 8])
+    y = b.node("MatMul", [x, b.weight("W", [8, 4])], name="matmul")
+    b.bn(y, 4, name="bn", out="y")
+    b.output("y")
+    model = b.build(value_info=False)
+    model.graph.value_info.append(
+        helper.make_tensor_value_info("matmul_out", TensorProto.FLOAT, ["batch", 4]))
+    return model
+
+
+def test_stale_value_info_rank_does_not_make_a_sequence_axis_a_feature_axis():
+    from bnfold.fold import fold
+
+    model = matmul3d_bn_with_stale_value_info()  # (onnx.checker's full check rejects it)
+    folded, report = fold(model)
+    assert "MatMul output has rank 3" in kept_reason(report)
+    assert folded.SerializeToString() == model.SerializeToString()  # nothing to fold
+    for i, batch in enumerate((1, 3)):
+        feeds = random_feeds(model, seed=i, dims={"seq": 4, "batch": batch})
+        np.testing.assert_array_equal(run_model(folded, feeds)["y"], run_model(model, feeds)["y"])
+
+
+def test_stale_declared_output_shape_is_not_trusted():
+    """The graph output's declared shape [batch, 4] is stale in the same way."""
+    model = matmul3d_bn_with_stale_value_info()
+    del model.graph.value_info[:]
+    out = model.graph.output[0].type.tensor_type.shape
+    del out.dim[:]
+    out.dim.add().dim_param = "batch"
+    out.dim.add().dim_value = 4
+    from bnfold.graph import infer_shapes
+
+    shapes, _ = infer_shapes(model)
+    assert shapes["y"] == ("batch", "seq", 4) and shapes["matmul_out"] == ("batch", "seq", 4)
+
+
+def test_unknown_rank_refuses_a_matmul_fold():
+    """x reshaped by a runtime shape of unknown length: the MatMul output's rank is unknown,
+    so whether BN's axis 1 is its feature axis is unknown (here it is not)."""
+    b = GraphBuilder(seed=0)
+    x = b.input("x", ["n"])
+    shape = b.input("shape", ["r"], TensorProto.INT64)
+    x = b.node("Reshape", [x, shape], name="reshape")
+    y = b.node("MatMul", [x, b.weight("W", [8, 4])], name="matmul")
+    b.bn(y, 4, name="bn", out="y")
+    b.output("y", declared=helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b", "c"]))
+    model = b.build(value_info=False)
+    feeds = {"x": np.random.default_rng(0).normal(size=96).astype(np.float32),
+             "shape": np.array([3, 4, 8], dtype=np.int64)}
+    _, report = fold_checked(model, feeds)
+    assert "rank of matmul's output is unknown" in kept_reason(report)
