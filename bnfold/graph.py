@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from bnfold.constants import computed_constant
 from bnfold.nodes import subgraphs
 
-MIN_OPSET = 7  # BN-6 and older (is_test, consumed_inputs) are not read or written
+MIN_OPSET = 7  # fold converts older models (BN-6: is_test, consumed_inputs) to it first
 
 # The float element types bnfold computes with, and their numpy types.
 FLOAT_TYPES = {

@@ -108,6 +108,10 @@ class FoldReport:
     removed_casts: int = 0
     verification: VerifyReport | None = None
     notes: list[str] = field(default_factory=list)
+    # False when nothing was folded, lowered or switched to inference mode: the model is
+    # returned exactly as it was
+    changed: bool = False
+    upgraded_from: int | None = None  # the input's opset, when it was converted to opset 7
 
     @property
     def folded(self) -> list[Decision]:
@@ -121,16 +125,14 @@ class FoldReport:
     def lowered(self) -> list[Decision]:
         return [d for d in self.decisions if d.action == "lowered"]
 
-    @property
-    def changed(self) -> bool:
-        return bool(self.folded or self.lowered or self.removed_casts)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "folded": len(self.folded),
             "kept": len(self.kept),
             "lowered": len(self.lowered),
             "removed_casts": self.removed_casts,
+            "changed": self.changed,
+            "upgraded_from": self.upgraded_from,
             "decisions": [asdict(d) for d in self.decisions],
             "before": self.before.to_dict() if self.before else None,
             "after": self.after.to_dict() if self.after else None,
@@ -146,7 +148,10 @@ class FoldReport:
         if self.removed_casts:
             summary += f", {self.removed_casts} no-op Cast removed"
         lines.append(summary)
-        if self.before and self.after:
+        if self.upgraded_from is not None:
+            lines.append(f"opset {self.upgraded_from} converted to opset 7 (onnx's version "
+                         f"converter) to fold")
+        if self.before and self.after and self.changed:
             lines.append(
                 f"nodes {self.before.nodes} -> {self.after.nodes}, "
                 f"parameters {self.before.parameters} -> {self.after.parameters}"
