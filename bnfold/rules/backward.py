@@ -56,10 +56,17 @@ OUTPUT_CHANNELS = {
 def producer_layer(view: GraphView, aff: Affine) -> Layer | str:
     """The linear layer only the affine map reads: Linear [-> bias Add] [-> layout Transpose],
     or Linear -> Transpose -> bias Add (Keras's convolutions)."""
-    node = view.producer.get(aff.x)
+    name, node, identities = aff.x, view.producer.get(aff.x), []
+    while node is not None and node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
+        reason = view.why_not_private(name, display_name(node))
+        if reason:
+            return reason
+        identities.append(node)  # removed by the fold: the layer produces y itself
+        name = node.input[0]
+        node = view.producer.get(name)
     if node is None:
         return "its input is not computed in this graph by a linear layer"
-    reason = view.why_not_private(aff.x, display_name(node))
+    reason = view.why_not_private(name, display_name(node))
     if reason:
         return reason
     bias = transpose = None
@@ -80,7 +87,7 @@ def producer_layer(view: GraphView, aff: Affine) -> Layer | str:
         return f"producer {node.op_type} is not a linear layer"
     layer = make_layer(view, node, bias)
     if isinstance(layer, Layer):
-        layer.transpose = transpose
+        layer.transpose, layer.identities = transpose, identities
     return layer
 
 
@@ -129,7 +136,7 @@ def plan_backward(view: GraphView, aff: Affine) -> Plan | str:
     if isinstance(per_channel, str):
         return per_channel
     s, t = per_channel
-    plan = Plan(into=node, direction="backward", remove=list(aff.nodes))
+    plan = Plan(into=node, direction="backward", remove=list(aff.nodes) + layer.identities)
 
     ndim = layer.weight.ndim
     # The float64 copy replaces the stored one at once: a weight can be a large part of memory.

@@ -3,7 +3,7 @@ followed by a bias Add (torch's MatMul+Add for rank-3 inputs, Keras and tf2onnx 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -23,6 +23,7 @@ class Layer:
     add_index: int = 1  # which input of bias_add is the constant
     add_bias: np.ndarray | None = None
     transpose: onnx.NodeProto | None = None  # a layout Transpose after it (Keras: NCHW -> NHWC)
+    identities: list[onnx.NodeProto] = field(default_factory=list)  # Identity nodes before the BN
 
     @property
     def name(self) -> str:
