@@ -204,3 +204,74 @@ def test_unknown_rank_refuses_a_matmul_fold():
              "shape": np.array([3, 4, 8], dtype=np.int64)}
     _, report = fold_checked(model, feeds)
     assert "rank of matmul's output is unknown" in kept_reason(report)
+
+
+# --- (d) an affine map that broadcasts is not per-channel ----------------------------------
+
+def broadcasting_chain(x_channels, const_shape, *, layer: str = "Conv") -> onnx.ModelProto:
+    """x[batch, x_channels, 3, 2] -> Relu -> Mul(c) -> Add(d) -> Conv | Flatten+Gemm, where the
+    constants have `const_shape`: with x_channels 1 and [1, 4, 1, 1] the chain turns one
+    channel into four."""
+    b = GraphBuilder(seed=0)
+    x = b.node("Relu", [b.input("x", ["batch", x_channels, 3, 2])], name="relu")
+    rng = np.random.default_rng(5)
+    y = b.node("Mul", [x, b.const("c", rng.uniform(0.5, 2, const_shape).astype(np.float32))],
+               name="mul")
+    y = b.node("Add", [y, b.const("d", rng.normal(0, 1, const_shape).astype(np.float32))],
+               name="add")
+    if layer == "Conv":
+        b.node("Conv", [y, b.weight("W", [6, 4, 1, 1])], name="conv", kernel_shape=[1, 1],
+               outputs=["y"])
+    else:
+        y = b.node("Flatten", [y], name="flatten", axis=1)
+        b.node("Gemm", [y, b.weight("W", [6, 24]), b.weight("B", [6], fan_in=1)], name="gemm",
+               transB=1, outputs=["y"])
+    b.output("y")
+    return b.build()
+
+
+@pytest.mark.parametrize("layer", ["Conv", "Gemm"])
+@pytest.mark.parametrize("const_shape", [[1, 4, 1, 1], [4, 1, 1]])
+def test_chain_broadcasting_one_channel_to_four_is_not_folded_forward(layer, const_shape):
+    model = broadcasting_chain(1, const_shape, layer=layer)
+    folded, report = fold_checked(model)  # the folded model runs and agrees
+    (decision,) = report.kept
+    assert "broadcasts relu_out" in decision.reason and "not a per-channel map" in decision.reason
+    assert not report.changed
+
+
+def test_chain_broadcasting_symbolic_dim_is_not_per_channel():
+    """x[batch, 4] * c[1, 4] + d[3, 1]: d turns a batch of 1 into 3 rows; that it matches
+    at batch 3 proves nothing, so it is refused."""
+    b = GraphBuilder(seed=0)
+    x = b.node("Relu", [b.input("x", ["batch", 4])], name="relu")
+    y = b.node("Mul", [x, b.const("c", np.full([1, 4], 2.0, np.float32))], name="mul")
+    y = b.node("Add", [y, b.const("d", np.ones([3, 1], np.float32))], name="add")
+    b.node("Gemm", [y, b.weight("W", [6, 4]), b.weight("B", [6], fan_in=1)], name="gemm",
+           transB=1, outputs=["y"])
+    b.output("y")
+    model = b.build()
+    _, report = fold_checked(model, random_feeds(model, dims={"batch": 3}))
+    assert "broadcasts relu_out (size 'batch'" in report.kept[0].reason
+
+
+def test_per_channel_chain_with_matching_channels_still_folds():
+    model = broadcasting_chain(4, [1, 4, 1, 1])
+    folded, report = fold_checked(model)
+    assert [d.action for d in report.decisions] == ["folded"]
+
+
+def test_cli_broadcasting_chain_output_runs_with_and_without_the_check(tmp_path):
+    from click.testing import CliRunner
+
+    from bnfold.cli import main
+
+    path = tmp_path / "m.onnx"
+    onnx.save(broadcasting_chain(1, [1, 4, 1, 1]), str(path))
+    feeds = random_feeds(onnx.load(str(path)))
+    expected = run_model(onnx.load(str(path)), feeds)["y"]
+    for flags in ([], ["--no-verify"]):
+        out = tmp_path / f"out{len(flags)}.onnx"
+        result = CliRunner().invoke(main, ["fold", str(path), "-o", str(out), *flags])
+        assert result.exit_code == 0, result.output
+        np.testing.assert_array_equal(run_model(onnx.load(str(out)), feeds)["y"], expected)
