@@ -100,6 +100,20 @@ def bn_affine(view: GraphView, node: onnx.NodeProto) -> Affine | str:
                   params=list(node.input[1:5]))
 
 
+def range_reason(data_type: int | None, scale: np.ndarray, layer: str) -> str | None:
+    """Why a backward fold whose shift is added by a separate node is unsafe in `data_type`:
+    the layer's output, an fp16 tensor, becomes s*(Wx) before t is added, up to max|s| times
+    what the original held (the BN itself computes in float32), so it can overflow where the
+    original does not. Conv and Gemm add their own bias in float32: no such tensor there."""
+    if data_type != onnx.TensorProto.FLOAT16:
+        return None
+    growth = float(np.max(np.abs(scale))) if scale.size else 0.0
+    if growth <= 1.0:
+        return None
+    return (f"float16: {layer}'s output would be scaled by up to {growth:.4g} before the shift "
+            f"is added, which can overflow where the original does not")
+
+
 def cast_to(values: np.ndarray, data_type: int) -> np.ndarray | str:
     """`values` (float64) in the ONNX element type `data_type`, or why that is not exact enough."""
     np_type = FLOAT_TYPES.get(data_type)

@@ -275,3 +275,115 @@ def test_cli_broadcasting_chain_output_runs_with_and_without_the_check(tmp_path)
         result = CliRunner().invoke(main, ["fold", str(path), "-o", str(out), *flags])
         assert result.exit_code == 0, result.output
         np.testing.assert_array_equal(run_model(onnx.load(str(out)), feeds)["y"], expected)
+
+
+# --- (c) float16 range: inputs in 0..255 ---------------------------------------------------
+
+def _image_feeds(model, n=4):
+    """Inputs in 0..255 (images), float16, several seeds."""
+    feeds = []
+    for seed in range(n):
+        rng = np.random.default_rng(seed)
+        feeds.append({k: rng.integers(0, 256, v.shape).astype(np.float16)
+                      for k, v in random_feeds(model, seed).items()})
+    return feeds
+
+
+def fp16_matmul_bn(*, bias: bool, gamma: float = 1.0) -> onnx.ModelProto:
+    """x[batch, 4] (0..255) -> MatMul(W ~ 10) [-> Add] -> BN(s = 8 * gamma, mean 6000) -> y:
+    Wx reaches 12000 and the BN output +-50000, both finite in fp16; 8 * Wx is not."""
+    b = GraphBuilder("fp16", seed=0)
+    x = b.input("x", ["batch", 4])
+    w = b.const("W", b.rng.uniform(8, 12, (4, 6)).astype(np.float16))
+    y = b.node("MatMul", [x, w], name="matmul")
+    if bias:
+        y = b.node("Add", [y, b.const("B", np.full(6, 10, np.float16))], name="add")
+    params = {"scale": np.full(6, gamma), "bias": np.zeros(6), "mean": np.full(6, 6000.0),
+              "var": np.full(6, 1 / 64 - float(np.float32(1e-5)))}
+    b.bn(y, 6, name="bn", out="y", params=params)
+    b.output("y")
+    return b.build()
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["matmul", "matmul_add"])
+def test_fp16_backward_fold_with_separate_shift_that_grows_the_output_is_refused(bias):
+    model = fp16_matmul_bn(bias=bias)
+    feeds = _image_feeds(model)
+    for f in feeds:  # the premise: the original is finite on these inputs
+        assert np.all(np.isfinite(run_model(model, f)["y"]))
+    folded, report = fold_checked(model, feeds, dtype="fp16")
+    assert "float16: matmul's output would be scaled by up to 7.99" in kept_reason(report)
+    for f in feeds:
+        assert np.all(np.isfinite(run_model(folded, f)["y"]))
+
+
+def test_fp16_backward_fold_with_separate_shift_folds_when_no_scale_exceeds_one():
+    """s = 0.8: no intermediate grows. The folded MatMul output, near 5000, is rounded to fp16
+    (ulp 4) and its weights W*s too, so it is a few units off the original, whose BN computes
+    in float32: within 4 ulps of the intermediate (that cancellation is the check's to judge)."""
+    from bnfold.fold import fold
+
+    model = fp16_matmul_bn(bias=True, gamma=0.1)
+    folded, report = fold(model)
+    assert len(report.folded) == 1
+    onnx.checker.check_model(folded, full_check=True)
+    for f in _image_feeds(model):
+        got, expected = run_model(folded, f)["y"], run_model(model, f)["y"]
+        assert np.all(np.isfinite(got))
+        np.testing.assert_allclose(got.astype(np.float64), expected.astype(np.float64), atol=16)
+
+
+def test_fp16_backward_fold_into_conv_own_bias_stays_in_range():
+    """Conv adds its bias in float32 inside the kernel: s*Wx never exists as fp16."""
+    b = GraphBuilder("fp16", seed=0)
+    x = b.input("x", ["batch", 4, 3, 2])
+    w = b.const("W", b.rng.uniform(8, 12, (6, 4, 1, 1)).astype(np.float16))
+    y = b.node("Conv", [x, w], name="conv", kernel_shape=[1, 1])
+    params = {"scale": np.full(6, 1.0), "bias": np.zeros(6), "mean": np.full(6, 6000.0),
+              "var": np.full(6, 1 / 64 - float(np.float32(1e-5)))}
+    b.bn(y, 6, name="bn", out="y", params=params)
+    b.output("y")
+    model = b.build()
+    feeds = _image_feeds(model)
+    folded, report = fold_checked(model, feeds, dtype="fp16")
+    assert len(report.folded) == 1
+    for f in feeds:
+        assert np.all(np.isfinite(run_model(folded, f)["y"]))
+
+
+def fp16_bn_matmul(*, layer: str) -> onnx.ModelProto:
+    """x[batch, 4] (0..255) -> BN(s = 1, t = -128) -> MatMul(W = 100) + Add | Gemm -> y: the
+    original's MatMul output is at most 51200; W*x, which the forward fold computes
+    before adding W*t, reaches 102000: inf in fp16."""
+    b = GraphBuilder("fp16", seed=0)
+    x = b.input("x", ["batch", 4])
+    params = {"scale": np.ones(4), "bias": np.zeros(4), "mean": np.full(4, 128.0),
+              "var": np.full(4, 1 - float(np.float32(1e-5)))}
+    y = b.bn(x, 4, name="bn", params=params)
+    w = b.const("W", np.full((4, 6), 100, np.float16))
+    bias = b.const("B", np.full(6, 1, np.float16))
+    if layer == "Gemm":
+        b.node("Gemm", [y, w, bias], name="layer", outputs=["y"])
+    else:
+        y = b.node("MatMul", [y, w], name="layer")
+        b.node("Add", [y, bias], name="add", outputs=["y"])
+    b.output("y")
+    return b.build()
+
+
+def test_fp16_forward_fold_into_matmul_with_a_shift_is_refused():
+    model = fp16_bn_matmul(layer="MatMul")
+    feeds = _image_feeds(model)
+    for f in feeds:
+        assert np.all(np.isfinite(run_model(model, f)["y"]))
+    folded, report = fold_checked(model, feeds, dtype="fp16")
+    assert "float16: layer's output would hold W(s*x)" in kept_reason(report)
+
+
+def test_fp16_forward_fold_into_gemm_adds_the_shift_inside_the_kernel():
+    model = fp16_bn_matmul(layer="Gemm")
+    feeds = _image_feeds(model)
+    folded, report = fold_checked(model, feeds, dtype="fp16")
+    assert len(report.folded) == 1
+    for f in feeds:
+        assert np.all(np.isfinite(run_model(folded, f)["y"]))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from bnfold.affine import Affine, cast_to
+from bnfold.affine import Affine, cast_to, range_reason
 from bnfold.graph import GraphView
 from bnfold.nodes import attr, display_name
 from bnfold.rules.layer import LINEAR_OPS, Layer, bias_add_after, gemm_attrs, make_layer, optional_constant
@@ -160,6 +160,10 @@ def plan_backward(view: GraphView, aff: Affine) -> Plan | str:
             plan.remove.append(layer.bias_add)
             layer.bias_add, t = None, vector * s + t
     shift_taken = layer.bias_add is not None
+    if shift_taken or (bias_index is None and np.any(t)):  # the shift in an Add after the op
+        reason = range_reason(view.elem_type(layer.output), s, layer.name)
+        if reason:
+            return reason
     if shift_taken:
         bias = layer.add_bias.astype(np.float64) * s.reshape(along) + t.reshape(along)
         bias = cast_to(bias, view.constant_dtype(layer.bias_add.input[layer.add_index]))

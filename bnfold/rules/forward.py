@@ -169,6 +169,11 @@ def plan_forward(view: GraphView, aff: Affine) -> Plan | str:
         if isinstance(bias, str):
             return bias
         plan.set_tensor(node, bias_index, bias, "bias")
+    elif np.any(t) and view.elem_type(node.output[0]) == onnx.TensorProto.FLOAT16:
+        # MatMul's own output, W'x = W(s*x + t) - W t, is an fp16 tensor before its bias Add:
+        # far larger than W(s*x + t) when the shift is large (inputs in 0..255, mean 128)
+        return (f"float16: {layer.name}'s output would hold W(s*x) before the shift W*t is "
+                f"added, which can overflow where the original does not")
     elif layer.bias_add is not None:
         bias = cast_to(layer.add_bias.astype(np.float64) + delta,
                        view.constant_dtype(layer.bias_add.input[layer.add_index]))
