@@ -92,3 +92,75 @@ def test_bn_before_an_identity_folds_forward(op, flatten):
     folded, report = fold_checked(model)
     assert folds(report) == [("bn", "forward", "layer")]
     assert count_ops(folded)["BatchNormalization"] == 0
+
+
+# --- LeViT's token batch norm --------------------------------------------------------------
+
+def token_bn(*, via: str = "Reshape", tokens=(5,), c: int = 6, bias: bool = False,
+             shape_reader: bool = True, flat_shape=None) -> onnx.ModelProto:
+    """x[batch, *tokens, 4] -> MatMul(W[4, c]) [-> Add] -> Reshape([-1, c]) | Flatten(axis=-1)
+    -> BN(c) -> Reshape back to the MatMul output's Shape (read by a Shape node, as torch's
+    `reshape_as` exports it)."""
+    b = GraphBuilder(seed=0)
+    x = b.input("x", ["batch", *tokens, 4])
+    y = b.node("MatMul", [x, b.weight("W", [4, c])], name="matmul")
+    if bias:
+        y = b.node("Add", [b.weight("B", [c], fan_in=1), y], name="add")
+    if via == "Flatten":
+        flat = b.node("Flatten", [y], name="flatten", axis=len(tokens) + 1)
+    else:
+        shape = np.array(flat_shape or [-1, c], dtype=np.int64)
+        flat = b.node("Reshape", [y, b.const("flat_shape", shape)], name="flatten")
+    z = b.bn(flat, int(shape[-1]) if via != "Flatten" and flat_shape else c, name="bn")
+    back = b.node("Shape", [y], name="shape") if shape_reader else \
+        b.const("back", np.array([-1, *tokens, c], dtype=np.int64))
+    b.node("Reshape", [z, back], name="unflatten", outputs=["y"])
+    b.output("y")
+    return b.build()
+
+
+@pytest.mark.parametrize("via", ["Reshape", "Flatten"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("tokens", [(5,), (3, 2)], ids=["BNC", "BHWC"])
+def test_token_bn_folds_into_the_matmul_before_the_reshape(via, bias, tokens):
+    model = token_bn(via=via, bias=bias, tokens=tokens)
+    feeds = [random_feeds(model, seed=i, dims={"batch": n}) for i, n in enumerate((1, 3))]
+    folded, report = fold_checked(model, feeds)
+    assert folds(report) == [("bn", "backward", "matmul")]
+    ops = count_ops(folded)
+    assert ops["BatchNormalization"] == 0 and ops["Add"] == 1  # the new bias Add, or the old one
+    add = next(n for n in folded.graph.node if n.op_type == "Add")
+    flatten = next(n for n in folded.graph.node if n.name == "flatten")
+    assert add.output[0] == flatten.input[0]  # the shift is added before the Reshape
+
+
+def test_token_bn_without_shape_reader_folds():
+    _, report = fold_checked(token_bn(shape_reader=False))
+    assert folds(report) == [("bn", "backward", "matmul")]
+
+
+def test_reshape_that_merges_the_feature_axis_is_refused():
+    """[batch, 5, 4] @ W -> [batch, 5, 6] -> Reshape [-1, 30]: BN(30) is not per MatMul feature."""
+    _, report = fold_checked(token_bn(flat_shape=[-1, 30], shape_reader=False))
+    assert "does not merge leading axes" in kept_reason(report)
+
+
+def test_token_reshape_after_a_conv_is_refused():
+    b = GraphBuilder(seed=0)
+    x = b.input("x", ["batch", 4, 3, 2])
+    y = b.node("Conv", [x, b.weight("W", [6, 4, 1, 1])], name="conv", kernel_shape=[1, 1])
+    y = b.node("Reshape", [y, b.const("s", np.array([-1, 2], dtype=np.int64))], name="flatten")
+    b.bn(y, 2, name="bn", out="y")
+    b.output("y")
+    _, report = fold_checked(b.build())
+    assert "is not a MatMul" in kept_reason(report)
+
+
+def test_token_bn_with_another_reader_of_the_matmul_output_is_refused():
+    model = token_bn(shape_reader=False)
+    relu = helper.make_node("Relu", ["matmul_out"], ["z"], name="relu")
+    model.graph.node.append(relu)
+    model.graph.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT,
+                                                            ["batch", 5, 6]))
+    _, report = fold_checked(model)
+    assert "other consumers" in kept_reason(report)

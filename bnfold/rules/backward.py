@@ -69,12 +69,20 @@ def producer_layer(view: GraphView, aff: Affine) -> Layer | str:
     reason = view.why_not_private(name, display_name(node))
     if reason:
         return reason
-    bias = transpose = None
+    bias = transpose = reshape = None
+    if node.op_type in ("Reshape", "Flatten") and node.domain in ("", "ai.onnx"):
+        found = _token_reshape(view, node, name)
+        if isinstance(found, str):
+            return found
+        reshape, node = node, found
     if node.op_type == "Add":
         bias, node = _bias_add_before(view, node)
         if bias is None:
             return "producer Add is not a linear layer's bias"
-    if node.op_type == "Transpose" and view.producer.get(node.input[0]) is not None:
+    if reshape is not None:
+        if node.op_type != "MatMul":
+            return f"producer {node.op_type} of {display_name(reshape)} is not a MatMul"
+    elif node.op_type == "Transpose" and view.producer.get(node.input[0]) is not None:
         reason = view.why_not_private(node.input[0], display_name(node))
         if reason:
             return reason
@@ -87,8 +95,33 @@ def producer_layer(view: GraphView, aff: Affine) -> Layer | str:
         return f"producer {node.op_type} is not a linear layer"
     layer = make_layer(view, node, bias)
     if isinstance(layer, Layer):
-        layer.transpose, layer.identities = transpose, identities
+        layer.transpose, layer.identities, layer.reshape = transpose, identities, reshape
     return layer
+
+
+def _token_reshape(view: GraphView, node: onnx.NodeProto, name: str) -> onnx.NodeProto | str:
+    """The node before a Reshape/Flatten `node` (producing `name`) that only merges leading
+    axes, [..., C] -> [M, C] (LeViT's BatchNorm1d over flattened tokens): its C stays the
+    feature axis, so a BN on axis 1 of `name` is per feature of the MatMul before it."""
+    before, after = view.shape(node.input[0]), view.shape(name)
+    what = f"{node.op_type} {display_name(node)}"
+    if before is None or after is None:
+        return f"shapes around {what} are unknown"
+    if node.op_type == "Flatten" and int(attr(node, "axis", 1)) % max(len(before), 1) != len(before) - 1:
+        return f"{what} does not keep the last axis"
+    if not (len(after) == 2 and len(before) >= 2 and isinstance(before[-1], int)
+            and after[1] == before[-1]):
+        return f"{what} does not merge leading axes into [rows, {before[-1]}]"
+    source = node.input[0]
+    producer = view.producer.get(source)
+    if producer is None:
+        return f"the input of {what} is not computed in this graph by a linear layer"
+    # Shape and Size read only the shape, which the fold keeps
+    others = [u for u in view.users(source) if u is not node and u.op_type not in ("Shape", "Size")]
+    if source in view.outputs or others:
+        return view.why_not_private(source, display_name(producer)) or \
+            f"output of {display_name(producer)} has other consumers"
+    return producer
 
 
 def _bias_add_before(view: GraphView, add: onnx.NodeProto):
@@ -191,11 +224,17 @@ def plan_backward(view: GraphView, aff: Affine) -> Plan | str:
         plan.outputs.append((layer.last, 0, aff.y))
     elif layer.transpose is not None:
         return f"{layer.name} has no bias to take the shift before its Transpose"
-    else:  # a MatMul without bias: add one
+    else:  # a MatMul without bias: add one (before the token Reshape, if any)
         bias = cast_to(t, layer.weight_type)
         if isinstance(bias, str):
             return bias
-        plan.add_bias = (node, bias, aff.y)
+        if layer.reshape is None:
+            plan.add_bias = (node, bias, aff.y)
+        else:
+            biased = view.names(f"{node.output[0]}/biased")
+            plan.add_bias = (node, bias, biased)
+            plan.rewire.append((layer.reshape, 0, biased))
+            plan.outputs.append((layer.reshape, 0, aff.y))
     return plan
 
 

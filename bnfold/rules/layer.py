@@ -24,6 +24,7 @@ class Layer:
     add_bias: np.ndarray | None = None
     transpose: onnx.NodeProto | None = None  # a layout Transpose after it (Keras: NCHW -> NHWC)
     identities: list[onnx.NodeProto] = field(default_factory=list)  # Identity nodes before the BN
+    reshape: onnx.NodeProto | None = None  # a Reshape/Flatten [..., C] -> [rows, C] after it
 
     @property
     def name(self) -> str:
@@ -44,7 +45,7 @@ class Layer:
         """The node whose output the folded affine map's output name moves to."""
         if self.bias_after_transpose:
             return self.bias_add
-        return self.transpose or self.bias_add or self.node
+        return self.reshape or self.transpose or self.bias_add or self.node
 
     def perm(self, rank: int) -> list[int]:
         """The layout Transpose's permutation (ONNX's default: reversed axes)."""
