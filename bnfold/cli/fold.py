@@ -68,8 +68,7 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
             emit(report, json_path, quiet, job.reads)
             return
         if not report.changed:  # nothing to check: OUTPUT is INPUT as it was
-            _write_unchanged(stage, report, input_path, folded, job.base_dir, in_place,
-                             had_external_data)
+            _write_unchanged(stage, report, input_path, folded, job.base_dir, had_external_data)
         else:
             progress("saving")
             stage.save(folded, base_dir=job.base_dir, external_data=had_external_data or None)
@@ -93,13 +92,10 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
 
 
 def _write_unchanged(stage, report, input_path: str, model: onnx.ModelProto, base_dir: str,
-                     in_place: bool, had_external_data: bool) -> None:
+                     had_external_data: bool) -> None:
     """OUTPUT as a byte copy of INPUT; a model with external data is saved again with a data
-    file of its own (a copy would read INPUT's); in place, nothing is written."""
-    if in_place:
-        stage.discard()
-        report.notes.append(f"{input_path} left as it was (nothing changed, no check needed)")
-        return
+    file of its own (a copy would read INPUT's). In place too: the commit then also sweeps
+    what killed runs left beside it."""
     if had_external_data:
         stage.save(model, base_dir=base_dir, external_data=True)
     else:
