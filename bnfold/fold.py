@@ -62,10 +62,10 @@ def fold(model: onnx.ModelProto, *, base_dir: str | None = None,
     run.fold_graph(model.graph, None, "main")
     report.changed = bool(report.folded or report.lowered or switched)
     if not report.changed:
-        report.removed_casts, report.upgraded_from = 0, None
-        if model is not original:
+        upgraded, report.removed_casts, report.upgraded_from = report.upgraded_from, 0, None
+        if upgraded is not None:  # the input as it was, not its conversion
             return _unchanged(original, inplace, report)
-        _restore(model, before_casts)
+        _restore(model, before_casts)  # `model` is the input, or already a copy of it
         return _unchanged(model, True, report)
     run.collect_garbage()
     report.after = model_stats(model)
