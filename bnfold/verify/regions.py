@@ -185,7 +185,7 @@ def check_regions(ref_model: onnx.ModelProto, cand_model: onnx.ModelProto, refer
 
     ref = _Side(ref_model, _directory(reference, base_dir))
     cand = _Side(cand_model, _directory(candidate, base_dir))
-    why = "; ".join(notes) or "no draw runs the whole model"
+    why = _why(notes)
     checks = []
     for number, (ref_nodes, cand_nodes) in enumerate(regions(ref, cand), 1):
         name = f"region {number}"
@@ -247,6 +247,17 @@ def _boundary(ref: _Side, cand: _Side, ref_nodes: list, cand_nodes: list):
             raise BadInput(f"verification cannot be done: the {label}'s side of a rewritten "
                            f"region does not compute {', '.join(missing)}")
     return inputs, outputs
+
+
+def _why(notes: list[str]) -> str:
+    """Why no draw ran the whole model, in brief: how many were tried and the first failure."""
+    prefix = "skipped a draw the reference cannot run "
+    skipped = [n.removeprefix(prefix) for n in notes if n.startswith(prefix)]
+    other = [n for n in notes if not n.startswith(prefix)]
+    if skipped:
+        other.insert(0, f"the reference runs none of {len(skipped)} draws; the first, "
+                        f"{skipped[0]}")
+    return "; ".join(other) or "no draw runs it"
 
 
 def _failed_run(output: str, error: str):

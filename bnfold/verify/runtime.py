@@ -113,13 +113,13 @@ def run_session(session, feeds: Mapping[str, object]) -> dict[str, object]:
     RunFailed with onnxruntime's whole message if the model cannot run on ``feeds``.
     """
     try:
-        if (all(isinstance(a, np.ndarray) for a in feeds.values())
+        if (all(isinstance(a, np.ndarray) and a.dtype.kind != "O" for a in feeds.values())
                 and all(o.type.startswith("tensor(") for o in session.get_outputs())):
             values = {name: _ort_value(array) for name, array in feeds.items()}
             results = session.run_with_ort_values(None, values)
             return {o.name: _to_numpy(r, o.name)
                     for o, r in zip(session.get_outputs(), results)}
-        results = session.run(None, dict(feeds))  # sequences and optionals as Python objects
+        results = session.run(None, dict(feeds))  # strings, sequences, optionals, maps
     except _ort_errors() as err:
         raise RunFailed(message(err)) from None
     return {o.name: r for o, r in zip(session.get_outputs(), results)}

@@ -31,7 +31,8 @@ class Use:
     shape of ``data`` (or [1, ..., 1, -1] when it is unknown or of another rank); "ones",
     "zeros", "arange" (0, 1, 2, ...: distinct axes), "max" (the type's largest value: an end
     past every dimension), "positive" (1..4), "depth" (2..5), "trip count" (5..12: past the
-    first iterations), "pads" (0..2), "false".
+    first iterations), "pads" (0..2), "false", "half" (0.5: a threshold), "split" (sizes adding
+    up to the split dimension), "squeeze" (axes of size 1).
     """
 
     kind: str
@@ -53,6 +54,9 @@ class Use:
             return rng.integers(0, min(known, default=1), shape).astype(dtype)
         if kind == "shape of":
             return _shape_like(self._data_shape(sizes, drawn), shape).astype(dtype)
+        if kind in ("split", "squeeze"):
+            data = [d if isinstance(d, int) else sizes.get(d) for d in self.dims]
+            return _split_or_squeeze(kind, data, math.prod(shape)).reshape(shape).astype(dtype)
         if kind == "max":
             return np.full(shape, np.iinfo(dtype).max if dtype.kind in "iu" else 1e9, dtype)
         if kind == "arange":
@@ -60,7 +64,7 @@ class Use:
         ranges = {"positive": (1, 5), "depth": (2, 6), "trip count": (5, 13), "pads": (0, 3)}
         if kind in ranges:
             return rng.integers(*ranges[kind], shape).astype(dtype)
-        fill = {"ones": 1, "zeros": 0, "false": 0}[kind]
+        fill = {"ones": 1, "zeros": 0, "false": 0, "half": 0.5}[kind]
         return np.full(shape, fill).astype(dtype)
 
     def _data_shape(self, sizes: Mapping[str, int], drawn: Mapping[str, list[int]]):
@@ -70,6 +74,15 @@ class Use:
             return None
         dims = [d if isinstance(d, int) else sizes.get(d) if d else None for d in self.data_shape]
         return None if None in dims else dims
+
+
+def _split_or_squeeze(kind: str, dims: list[int | None], count: int) -> np.ndarray:
+    """Split sizes (``dims``: the split dimension) adding up to it, or the axes of size 1 to
+    squeeze (``dims``: the data's shape); 0, 1, 2... when the sizes are unknown."""
+    if kind == "split" and dims and dims[0] is not None and dims[0] >= count >= 1:
+        return np.array([1] * (count - 1) + [dims[0] - count + 1])
+    ones = [axis for axis, d in enumerate(dims) if d == 1]
+    return np.array(ones[:count] if len(ones) >= count else range(count))
 
 
 def _shape_like(data_shape: list[int] | None, shape: list[int]) -> np.ndarray:
@@ -105,6 +118,16 @@ def _shape_of(data_input=0):
         name = node.input[data_input]
         return Use("shape of", data=name, data_shape=shapes.get(name))
     return rule
+
+
+def _split(node, shapes):
+    data = shapes.get(node.input[0])
+    axis = attr(node, "axis", 0)
+    return Use("split", [data[axis]] if data and -len(data) <= axis < len(data) else [None])
+
+
+def _squeeze(node, shapes):
+    return Use("squeeze", list(shapes.get(node.input[0]) or []))
 
 
 def _integer_divisor(node, shapes):
@@ -143,6 +166,12 @@ _RULES = {
     ("Pad", 3): _kind("arange"),
     ("Unsqueeze", 1): _kind("arange"),
     ("CumSum", 1): _kind("zeros"),
+    ("CumProd", 1): _kind("zeros"),
+    ("Split", 1): _split,
+    ("SplitToSequence", 1): _split,
+    ("Squeeze", 1): _squeeze,
+    ("NonMaxSuppression", 3): _kind("half"),
+    ("NonMaxSuppression", 4): _kind("zeros"),
     ("Loop", 0): _kind("trip count"),
     ("SequenceAt", 1): _kind("zeros"),
     ("SequenceInsert", 2): _kind("zeros"),
