@@ -253,6 +253,18 @@ def test_inputs_are_capped_in_size(monkeypatch):
     assert random_inputs(model, dims={"a": 7})["x"].shape[0] == 7  # given sizes are kept
 
 
+def test_resize_scales_are_ones_not_0_to_255():
+    """Regression: scales drawn in 0..255 (draw 2) made Resize/Upsample outputs of 10^9 elements,
+    and the backend-model run was OOM-killed."""
+    model = _model(
+        [helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="linear")],
+        [("x", F, [1, 1, 64, 64]), ("scales", F, [4])], [("y", F, None)], opset=13,
+    )
+    for feeds in _draws(model, 2):
+        assert feeds["scales"].tolist() == [1, 1, 1, 1]
+    _all_draws_run(model, runs=2)
+
+
 def test_a_draw_the_reference_cannot_run_is_skipped_and_made_up_for():
     add = _model([helper.make_node("Add", ["a", "b"], ["y"])], [("a", F, ["n"]), ("b", F, ["m"])],
                  [("y", F, None)])
@@ -350,3 +362,13 @@ def test_run_reports_the_whole_onnxruntime_message():
                    [("y", F, [2, None])], {"two": np.array([2, -1])})
     with pytest.raises(Exception, match="onnxruntime failed to run the model: .*Reshape"):
         run(model, {"x": np.ones(3, np.float32)})
+
+
+@pytest.mark.slow
+def test_backend_models_meet_the_targets(tmp_path):
+    """onnx's backend models that onnxruntime runs: 0 errors, 0 changed, <= 1 % refused."""
+    done = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "backend_models.py"), "--memory-gb", "6",
+         "--json", str(tmp_path / "outcomes.json")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO}, timeout=3600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
