@@ -13,8 +13,9 @@ from onnx import TensorProto, helper, numpy_helper
 import bnfold
 from bnfold.cli import main
 from bnfold.errors import BadInput
-from bnfold.verify import verify
+from bnfold.verify import random_inputs, verify
 
+import builders
 from builders import GraphBuilder
 
 F, S = TensorProto.FLOAT, TensorProto.STRING
@@ -132,3 +133,46 @@ def test_region_check_through_the_cli(tmp_path):
     result = CliRunner().invoke(main, ["verify", str(tmp_path / "m.onnx"),
                                        str(tmp_path / "wrong.onnx")])
     assert result.exit_code == 1 and "region 1" in result.stderr and "FAILED" in result.stderr
+
+
+def _with_a_parsed_string(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` plus z = y + float(s): a string input no draw can parse."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model.graph.input.append(helper.make_tensor_value_info("s", S, [1]))
+    model.graph.node.append(helper.make_node("Cast", ["s"], ["num"], to=F))
+    model.graph.node.append(helper.make_node("Add", ["y", "num"], ["z"]))
+    model.graph.output.append(helper.make_tensor_value_info("z", F, None))
+    return model
+
+
+@pytest.mark.parametrize("make", [builders.if_bn, lambda: builders.loop_bn(trips=6)],
+                         ids=["if", "loop"])
+def test_a_node_whose_body_was_folded_is_a_region(make):
+    """An If/Loop whose bodies were folded is checked as a region, with the outer values its
+    bodies read (weights, BN parameters) inside; an If's condition takes both branches."""
+    model = _with_a_parsed_string(make())
+    folded, report = bnfold.fold(model)
+    assert report.folded
+    check = verify(model, folded)
+    assert check.passed and check.method == "regions: 1"
+    [region] = check.regions
+    assert region.reference_nodes == region.candidate_nodes == [model.graph.node[0].name]
+    if "cond" in region.inputs:
+        feeds = [random_inputs(region_model, draw=d)["cond"] for d in (0, 1)
+                 for region_model in [_region_reference(model, folded)]]
+        assert [bool(f) for f in feeds] == [True, False]
+    wrong = onnx.ModelProto.FromString(folded.SerializeToString())
+    body = wrong.graph.node[0].attribute[0].g
+    conv = next(n for n in body.node if n.op_type == "Conv")
+    weight = next(t for g in (body, wrong.graph) for t in g.initializer if t.name == conv.input[1])
+    array = numpy_helper.to_array(weight) * np.float32(1.001)  # 1e-3 relative, everywhere
+    weight.CopyFrom(numpy_helper.from_array(array, weight.name))
+    assert not verify(model, wrong).passed
+
+
+def _region_reference(model, folded):
+    from bnfold.verify.regions import _cut, _boundary, _Side, regions
+    ref, cand = _Side(model, None), _Side(folded, None)
+    [(ref_nodes, cand_nodes)] = regions(ref, cand)
+    inputs, outputs = _boundary(ref, cand, ref_nodes, cand_nodes)
+    return _cut(ref, ref_nodes, inputs, outputs, ref)

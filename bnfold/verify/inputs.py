@@ -268,7 +268,7 @@ class InputMaker:
     def draw(self, index: int) -> Draw:
         size_kind, floats = _COMBOS[index % len(_COMBOS)]
         sizes, seed = self.sizes[size_kind], self.seed + index
-        feeds = random_feeds(self.inputs, sizes, seed, floats, self.uses)
+        feeds = random_feeds(self.inputs, sizes, seed, floats, self.uses, index)
         text = f"seed {seed}"
         if sizes:
             text += ", " + ", ".join(f"{k}={v}" for k, v in sizes.items())
@@ -279,7 +279,7 @@ class InputMaker:
 
 def random_feeds(
     inputs: list[Value], sizes: Mapping[str, int], seed: int, floats: str = "normal",
-    uses: Mapping[str, Use] | None = None,
+    uses: Mapping[str, Use] | None = None, draw: int = 0,
 ) -> dict[str, object]:
     """One draw: floats standard normal (or uniform in 0..255), integers as their use allows
     (0..4 when unknown), random booleans, strings "s0", "s1"...; CannotDraw if a type cannot be
@@ -298,16 +298,17 @@ def random_feeds(
         shapes[v.name] = shape
         use = uses.get(v.name)
         count = 1 + int(rng.integers(0, 2)) if "sequence" in v.kind else None
-        tensors_ = [_tensor(v, shape, rng, floats, use, sizes, shapes) for _ in range(count or 1)]
+        tensors_ = [_tensor(v, shape, rng, floats, use, sizes, shapes, draw)
+                    for _ in range(count or 1)]
         feeds[v.name] = tensors_ if count else tensors_[0]
     return feeds
 
 
 def _tensor(v: Value, shape: list[int], rng: np.random.Generator, floats: str, use: Use | None,
-            sizes: Mapping[str, int], shapes: Mapping[str, list[int]]) -> np.ndarray:
+            sizes: Mapping[str, int], shapes: Mapping[str, list[int]], draw: int) -> np.ndarray:
     dtype = _dtype(v, CannotDraw)
     if use is not None:
-        return use.values(shape, dtype, rng, sizes, shapes)
+        return use.values(shape, dtype, rng, sizes, shapes, draw)
     if v.elem_type in FLOAT_TYPES:
         if floats == "normal":
             return rng.standard_normal(shape).astype(dtype)

@@ -31,8 +31,9 @@ class Use:
     shape of ``data`` (or [1, ..., 1, -1] when it is unknown or of another rank); "ones",
     "zeros", "arange" (0, 1, 2, ...: distinct axes), "max" (the type's largest value: an end
     past every dimension), "positive" (1..4), "depth" (2..5), "trip count" (5..12: past the
-    first iterations), "pads" (0..2), "false", "half" (0.5: a threshold), "split" (sizes adding
-    up to the split dimension), "squeeze" (axes of size 1).
+    first iterations), "pads" (0..2), "false", "half" (0.5: a threshold), "branch" (an If's
+    condition: true in even draws, false in odd ones), "split" (sizes adding up to the split
+    dimension), "squeeze" (axes of size 1).
     """
 
     kind: str
@@ -46,8 +47,11 @@ class Use:
         return self.kind == "shape of"
 
     def values(self, shape: list[int], dtype: np.dtype, rng: np.random.Generator,
-               sizes: Mapping[str, int], drawn: Mapping[str, list[int]]) -> np.ndarray:
+               sizes: Mapping[str, int], drawn: Mapping[str, list[int]],
+               draw: int = 0) -> np.ndarray:
         kind = self.kind
+        if kind == "branch":  # an If's condition: then, else, then... one branch per draw
+            return np.full(shape, draw % 2 == 0).astype(dtype)
         if kind == "index":
             known = [d if isinstance(d, int) else sizes.get(d) for d in self.dims if d is not None]
             known = [d for d in known if d is not None and d > 0]
@@ -173,6 +177,7 @@ _RULES = {
     ("NonMaxSuppression", 3): _kind("half"),
     ("NonMaxSuppression", 4): _kind("zeros"),
     ("Loop", 0): _kind("trip count"),
+    ("If", 0): _kind("branch"),
     ("SequenceAt", 1): _kind("zeros"),
     ("SequenceInsert", 2): _kind("zeros"),
     ("SequenceErase", 1): _kind("zeros"),
