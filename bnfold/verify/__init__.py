@@ -87,16 +87,13 @@ def check_runs(reference: Model, candidate: Model, ref_model: onnx.ModelProto,
             "given inputs" if isinstance(inputs, Mapping) else f"inputs from {os.fspath(inputs)}"
         )
         feeds = given_feeds(ref.inputs, inputs)
+    # One session at a time: the reference on the draws (skipping those it cannot run), then
+    # the candidate on the draws the reference ran.
     ref_session = session(reference, ref_dir, role, verbose=verbose)
-    try:
-        cand_session = load_session(candidate, cand_dir, verbose=verbose)
-    except RunFailed as err:
-        return VerifyReport(inputs="no inputs", error=f"onnxruntime cannot load the candidate "
-                                                      f"(it loads the reference): {err}")
-    results, ran, notes = [], [], []
+    draws, original, notes = [], [], []
     # A skipped draw is made up for with the next ones, up to twice as many as asked.
     for index in range(1 if inputs is not None else 2 * runs):
-        if len(results) == runs:
+        if len(draws) == runs:
             break
         if inputs is not None:
             draw = Draw(feeds, given)
@@ -107,26 +104,36 @@ def check_runs(reference: Model, candidate: Model, ref_model: onnx.ModelProto,
                 notes.append(f"no random inputs: {err}")
                 break
         try:
-            r = run_session(ref_session, draw.feeds)
+            original.append(run_session(ref_session, draw.feeds))
         except RunFailed as err:
             if inputs is not None:
                 raise BadInput(f"onnxruntime failed to run the reference on {given}: "
                                f"{err}") from None
             notes.append(f"skipped a draw the reference cannot run ({draw.description}): {err}")
             continue
+        draws.append(draw)
+    del ref_session
+    if not draws:
+        return notes
+    described = given if inputs is not None else (
+        f"random inputs ({'; '.join(d.description for d in draws)})")
+    try:
+        cand_session = load_session(candidate, cand_dir, verbose=verbose)
+    except RunFailed as err:
+        return VerifyReport(inputs=described, notes=notes, error=(
+            f"onnxruntime cannot load the candidate (it loads the reference): {err}"))
+    results = []
+    for draw in draws:
         try:
-            c = run_session(cand_session, draw.feeds)
+            results.append(run_session(cand_session, draw.feeds))
         except RunFailed as err:
             return VerifyReport(
                 inputs=draw.description, notes=notes, runs=len(results) + 1,
                 error=f"the candidate fails on inputs the reference runs on: {err}")
-        results.append((r, c))
-        ran.append(draw.description)
-    if not results:
-        return notes
-    described = ran[0] if inputs is not None else f"random inputs ({'; '.join(ran)})"
-    return VerifyReport(outputs=compare_outputs(ref.outputs, results, atol, rtol),
-                        inputs=described, runs=len(results), notes=notes)
+    del cand_session
+    return VerifyReport(outputs=compare_outputs(ref.outputs, list(zip(original, results)),
+                                                atol, rtol),
+                        inputs=described, runs=len(draws), notes=notes)
 
 
 def compare_outputs(outputs: list[Value], results: list[tuple[dict, dict]],
@@ -157,7 +164,8 @@ def _flatten(name: str, a, b):
         return
     if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
         if not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))) or len(a) != len(b):
-            yield name, None, None, f"sequence of {_length(a)} in the reference, {_length(b)} in the candidate"
+            yield name, None, None, (f"sequence of {_length(a)} in the reference, "
+                                     f"{_length(b)} in the candidate")
             return
         for i, (x, y) in enumerate(zip(a, b)):
             yield from _flatten(f"{name}[{i}]", x, y)
