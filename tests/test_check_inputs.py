@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
+import builders
 from bnfold.cli import main
 from bnfold.verify import random_inputs, run, verify
 from bnfold.verify import inputs as inputs_module
@@ -325,36 +326,42 @@ def test_cli_runs_option(tmp_path):
     assert result.exit_code == 2
 
 
-def test_onnxruntime_logs_only_with_verbose(tmp_path):
-    # An unused initializer makes onnxruntime log a warning when it loads the model.
-    model = _model([helper.make_node("Relu", ["x"], ["y"])], [("x", F, ["n"])],
-                   [("y", F, ["n"])], {"unused": np.ones(3, np.float32)})
-    onnx.save(model, tmp_path / "m.onnx")
-    env = {**os.environ, "PYTHONPATH": REPO}
+# Runs bnfold commands in one process; prints a marker to stderr after each (and checks the exit
+# code), so that a test can tell apart what each wrote there, also onnxruntime's own lines.
+_COMMANDS = """
+import json, sys
+from bnfold.cli import main
+for args in json.loads(sys.argv[1]):
+    try:
+        main(args)
+    except SystemExit as done:
+        assert not done.code, (args, done.code)
+    sys.stderr.write("\\n=== done ===\\n")
+    sys.stderr.flush()
+    if "--no-verify" in args or args[0] == "inspect":
+        assert "onnxruntime" not in sys.modules, f"{args[0]} imported onnxruntime"
+"""
 
-    def stderr(*flags):
-        done = subprocess.run([sys.executable, "-m", "bnfold", "verify", str(tmp_path / "m.onnx"),
-                               str(tmp_path / "m.onnx"), *flags],
-                              capture_output=True, text=True, env=env, timeout=120)
-        assert done.returncode == 0, done.stderr
-        return done.stderr
 
-    assert "Removing initializer" not in stderr()
-    assert "Removing initializer" in stderr("--verbose")
-
-
-def test_onnxruntime_is_imported_only_when_a_check_runs(tmp_path):
-    model = _model([helper.make_node("Relu", ["x"], ["y"])], [("x", F, ["n"])],
-                   [("y", F, ["n"])])
-    onnx.save(model, tmp_path / "m.onnx")
-    code = ("import sys; from bnfold.cli import main\n"
-            "try: main(['inspect', sys.argv[1]])\n"
-            "except SystemExit: pass\n"
-            "assert 'onnxruntime' not in sys.modules, 'imported'\n")
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.onnx")],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO},
-                          timeout=120)
+def _stderr_of_each(*commands) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", _COMMANDS, json.dumps([[str(a) for a in c] for c in commands])],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
     assert done.returncode == 0, done.stderr
+    return done.stderr.split("=== done ===")[:-1]
+
+
+def test_onnxruntime_is_imported_only_when_a_check_runs_and_logs_only_with_verbose(tmp_path):
+    # An unused initializer makes onnxruntime log a warning when it loads the model.
+    model = builders.conv_bn()
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(3, np.float32), "unused"))
+    onnx.save(model, tmp_path / "m.onnx")
+    fold = ["fold", tmp_path / "m.onnx", "-o", tmp_path / "out.onnx"]
+    verify_twice = ["verify", tmp_path / "m.onnx", tmp_path / "m.onnx"]
+    outputs = _stderr_of_each(["inspect", tmp_path / "m.onnx"], [*fold, "--no-verify"],
+                              fold, [*fold, "-v"], verify_twice, [*verify_twice, "--verbose"])
+    logged = ["Removing initializer 'unused'" in text for text in outputs]
+    assert logged == [False, False, False, True, False, True]
 
 
 def test_run_reports_the_whole_onnxruntime_message():
