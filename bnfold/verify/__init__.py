@@ -25,6 +25,7 @@ from bnfold.report import OutputComparison, VerifyReport
 from bnfold.verify.compare import compare
 from bnfold.verify.inputs import (CannotDraw, Draw, InputMaker, Value, check_same_interface,
                                   given_feeds, interface, read_model)
+from bnfold.verify.regions import check_regions
 from bnfold.verify.runtime import RunFailed, load_session, run_session, session
 
 Model = onnx.ModelProto | str | os.PathLike
@@ -60,25 +61,22 @@ def verify(
         raise BadInput(f"runs must be at least 1, not {runs}")
     if (atol is not None and not atol >= 0) or (rtol is not None and not rtol >= 0):
         raise BadInput(f"tolerances must be non-negative (atol {atol}, rtol {rtol})")
-    ref_model, cand_model = read_model(reference), read_model(candidate)
-    result = check_runs(reference, candidate, ref_model, cand_model, ref_dir=base_dir,
-                        cand_dir=base_dir, inputs=inputs, dims=dims, atol=atol, rtol=rtol,
-                        seed=seed, runs=runs, verbose=verbose)
+    result = check_runs(reference, candidate, ref_dir=base_dir, cand_dir=base_dir,
+                        inputs=inputs, dims=dims, atol=atol, rtol=rtol, seed=seed, runs=runs,
+                        verbose=verbose)
     if isinstance(result, VerifyReport):
         return result
-    from bnfold.verify.regions import check_regions
-    return check_regions(ref_model, cand_model, reference, candidate, base_dir=base_dir,
-                         dims=dims, atol=atol, rtol=rtol, seed=seed, runs=runs, verbose=verbose,
-                         notes=result)
+    return check_regions(reference, candidate, base_dir=base_dir, dims=dims, atol=atol,
+                         rtol=rtol, seed=seed, runs=runs, verbose=verbose, notes=result)
 
 
-def check_runs(reference: Model, candidate: Model, ref_model: onnx.ModelProto,
-               cand_model: onnx.ModelProto, *, ref_dir, cand_dir, inputs, dims, atol, rtol,
-               seed: int, runs: int, verbose: bool,
+def check_runs(reference: Model, candidate: Model, *, ref_dir, cand_dir, inputs, dims, atol,
+               rtol, seed: int, runs: int, verbose: bool,
                role: str = "reference") -> VerifyReport | list[str]:
     """Run both models on the draws and compare them: a report, or (when the reference runs on
     no draw) the notes saying why."""
-    ref, cand = interface(ref_model), interface(cand_model)
+    ref_model = read_model(reference)  # a model given by path is not held while sessions run
+    ref, cand = interface(ref_model), interface(candidate)
     check_same_interface(ref, cand)
     if inputs is None:
         maker = InputMaker(ref_model, ref, dims, ref.dims | cand.dims, seed)
@@ -87,6 +85,7 @@ def check_runs(reference: Model, candidate: Model, ref_model: onnx.ModelProto,
             "given inputs" if isinstance(inputs, Mapping) else f"inputs from {os.fspath(inputs)}"
         )
         feeds = given_feeds(ref.inputs, inputs)
+    del ref_model
     # One session at a time: the reference on the draws (skipping those it cannot run), then
     # the candidate on the draws the reference ran.
     ref_session = session(reference, ref_dir, role, verbose=verbose)

@@ -24,6 +24,7 @@ from bnfold.errors import BadInput
 from bnfold.graph import free_names, infer_shapes, is_external
 from bnfold.nodes import display_name, subgraphs
 from bnfold.report import RegionCheck, VerifyReport
+from bnfold.verify.inputs import read_model
 
 
 class _Side:
@@ -176,15 +177,14 @@ class _Uncheckable(Exception):
     pass
 
 
-def check_regions(ref_model: onnx.ModelProto, cand_model: onnx.ModelProto, reference, candidate,
-                  *, base_dir, dims: Mapping[str, int] | None, atol, rtol, seed: int, runs: int,
-                  verbose: bool, notes: list[str]) -> VerifyReport:
+def check_regions(reference, candidate, *, base_dir, dims: Mapping[str, int] | None, atol, rtol,
+                  seed: int, runs: int, verbose: bool, notes: list[str]) -> VerifyReport:
     """Check each rewritten region alone (see the module's docstring); BadInput if one cannot
-    be run."""
+    be run. ``notes``: why the whole model was not run."""
     from bnfold.verify import check_runs  # the whole-model check, on each region
 
-    ref = _Side(ref_model, _directory(reference, base_dir))
-    cand = _Side(cand_model, _directory(candidate, base_dir))
+    ref = _Side(read_model(reference), _directory(reference, base_dir))
+    cand = _Side(read_model(candidate), _directory(candidate, base_dir))
     why = _why(notes)
     checks = []
     for number, (ref_nodes, cand_nodes) in enumerate(regions(ref, cand), 1):
@@ -201,8 +201,7 @@ def check_regions(ref_model: onnx.ModelProto, cand_model: onnx.ModelProto, refer
         region_dims = {k: v for k, v in (dims or {}).items()
                        if any(k == d.dim_param for i in small_ref.graph.input
                               for d in i.type.tensor_type.shape.dim)}
-        result = check_runs(small_ref, small_cand, small_ref, small_cand,
-                            ref_dir=ref.base_dir, cand_dir=cand.base_dir, inputs=None,
+        result = check_runs(small_ref, small_cand, ref_dir=ref.base_dir, cand_dir=cand.base_dir, inputs=None,
                             dims=region_dims, atol=atol, rtol=rtol, seed=seed, runs=runs,
                             verbose=verbose, role=f"{name} of the reference")
         if isinstance(result, list):  # no draw ran
