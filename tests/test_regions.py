@@ -176,3 +176,14 @@ def _region_reference(model, folded):
     [(ref_nodes, cand_nodes)] = regions(ref, cand)
     inputs, outputs = _boundary(ref, cand, ref_nodes, cand_nodes)
     return _cut(ref, ref_nodes, inputs, outputs, ref)
+
+
+def test_region_check_of_an_ir3_model():
+    model = conv_bn_with_a_parsed_string()
+    model.ir_version = 3
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer)
+    folded, report = bnfold.fold(model)
+    assert len(report.folded) == 1
+    check = verify(model, folded)
+    assert check.passed and check.method == "regions: 1"

@@ -167,6 +167,9 @@ def _cut(side: _Side, nodes: list, inputs: list[str], outputs: list[str],
         [info(name, True) for name in inputs], [info(name, False) for name in outputs],
         initializers,
     )
+    if side.model.ir_version < 4:  # IR 3 lists every initializer as a graph input too
+        graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                           for t in initializers)
     model = helper.make_model(graph, opset_imports=list(side.model.opset_import))
     model.ir_version = side.model.ir_version
     model.functions.extend(side.model.functions)
