@@ -32,7 +32,8 @@ from bnfold.verify import verify
               help="Replace BN that cannot be folded with Mul+Add.")
 def fold_command(input_path: str, output: str | None, in_place: bool, no_verify: bool,
                  inputs: str | None, dims: tuple[str, ...], atol: float | None,
-                 rtol: float | None, seed: int, json_path: str | None, quiet: bool, force: bool,
+                 rtol: float | None, seed: int, runs: int, verbose: bool, json_path: str | None,
+                 quiet: bool, force: bool,
                  dry_run: bool, allow_initializer_inputs: bool, training_to_inference: bool,
                  lower_standalone: bool) -> None:
     """Fold the batch norms of INPUT into their neighbouring layers.
@@ -81,7 +82,8 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
                 reference = to_inference_mode(load(input_path, check=False)
                                               if isinstance(reference, str) else reference)
             report.verification = verify(reference, stage.path, inputs=inputs, dims=sizes,
-                                         atol=atol, rtol=rtol, seed=seed, base_dir=job.base_dir)
+                                         atol=atol, rtol=rtol, seed=seed, runs=runs,
+                                         base_dir=job.base_dir, verbose=verbose)
             if not report.verification.passed and not force:
                 stage.discard()
     note_written(report, stage.written)
