@@ -56,7 +56,8 @@ def test_help_examples_run(tmp_path, monkeypatch):
 def test_dim_states_its_default(command):
     text = " ".join(help_of(command).split())
     assert "--dim NAME=VALUE" in text
-    assert "[default: distinct odd primes, 3, 5, 7, ..., equal to no size in the model]" in text
+    assert ("[default: draw 1, distinct primes 2, 3, 5, ... that no dimension of the model has; "
+            "draw 2, 1]") in text
 
 
 def test_after_mentions_positions():

@@ -23,7 +23,7 @@ def test_fold_checks_on_the_models_own_samples(model, tmp_path):
     result = CliRunner().invoke(main, ["fold", model, "-o", str(tmp_path / "f.onnx"),
                                        "--inputs", npz])
     assert result.exit_code == 0, result.output
-    assert f"verification passed on inputs from {npz}" in result.stderr
+    assert "verification passed" in result.stderr and f"on inputs from {npz}" in result.stderr
 
 
 def test_input_prefix_is_stripped_and_other_keys_left_out(tmp_path):

@@ -100,7 +100,7 @@ def test_nothing_to_fold_says_why_in_one_line(tmp_path):
     model = b.build()
     _, report = bnfold.fold(model)
     assert report.why_unchanged() == "nothing to fold: no batch norm in the model"
-    assert report.why_unchanged() in report.to_text().splitlines()
+    assert report.to_text().splitlines().count(report.why_unchanged()) == 1
     model.producer_name = "pytorch"
     _, report = bnfold.fold(model)
     assert "torch's exporter already fuses Conv+BN" in report.to_dict()["why_unchanged"]
@@ -108,6 +108,6 @@ def test_nothing_to_fold_says_why_in_one_line(tmp_path):
 
 def test_nothing_folded_when_every_batch_norm_is_kept():
     _, report = bnfold.fold(conv_bn(training_mode=1, opset=15, n_outputs=3))
-    assert report.why_unchanged() == "nothing folded: the batch norm is kept (the reason above)"
+    assert report.why_unchanged() == "nothing to fold: every batch norm kept"
     _, folded = bnfold.fold(conv_bn())
     assert folded.why_unchanged() is None and folded.to_dict()["why_unchanged"] is None

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import bnfold.cli.fold
 from bnfold.cli import main
-from tests.builders import conv_bn
+from tests.builders import conv_bn, conv_bn_relu_bn_conv
 from tests.test_cli import with_changed_weight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,15 +23,16 @@ def run(*args):
 
 
 def kept_model(tmp_path):
+    """bn1 (training mode) is kept, bn2 folds."""
     path = tmp_path / "kept.onnx"
-    onnx.save(conv_bn(training_mode=1, opset=15, n_outputs=3), str(path))
+    onnx.save(conv_bn_relu_bn_conv(first_bn_training=True), str(path))
     return path
 
 
 def test_strict_exits_3_when_a_batch_norm_is_kept_and_writes_the_output(tmp_path):
     result = run("fold", kept_model(tmp_path), "-o", tmp_path / "out.onnx", "--strict")
     assert result.exit_code == 3, result.output
-    assert "bnfold: --strict: 1 batch norm(s) kept: bn" in result.stderr.splitlines()[-1]
+    assert "bnfold: --strict: 1 batch norm(s) kept: bn1" in result.stderr.splitlines()[-1]
     assert "verification passed" in result.stderr and (tmp_path / "out.onnx").exists()
 
 

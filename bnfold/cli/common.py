@@ -90,12 +90,18 @@ def verify_options(command: Callable) -> Callable:
         click.option("--inputs", metavar="FILE.npz",
                      help="Compare on these inputs (name -> array) instead of random ones."),
         click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE",
-                     help="Size of a symbolic input dimension (repeatable) [default: distinct "
-                          "odd primes, 3, 5, 7, ..., equal to no size in the model]."),
+                     help="Size of a symbolic input dimension, in every draw (repeatable) "
+                          "[default: draw 1, distinct primes 2, 3, 5, ... that no dimension of "
+                          "the model has; draw 2, 1]."),
         click.option("--atol", type=float, help="Absolute tolerance [default: by dtype]."),
         click.option("--rtol", type=float, help="Relative tolerance [default: by dtype]."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the random inputs."),
+        click.option("--runs", type=click.IntRange(min=1), default=2, show_default=True,
+                     help="Draws of random inputs (1: dims primes, floats normal; 2: dims 1, "
+                          "floats 0..255; then again with new seeds)."),
+        click.option("-v", "--verbose", is_flag=True,
+                     help="Let onnxruntime's own log lines through to stderr."),
         click.option("--json", "json_path", metavar="PATH",
                      help="Also write the report as JSON ('-': to stdout)."),
         click.option("-q", "--quiet", is_flag=True, help="Print errors only."),

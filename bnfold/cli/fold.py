@@ -16,7 +16,7 @@ from bnfold.cli.common import (EXIT_STRICT, Command, RunInfo, emit, load_job, mo
                                written_size)
 from bnfold.commit import staged
 from bnfold.errors import BadInput
-from bnfold.fold import fold, to_inference_mode
+from bnfold.fold import fold, to_inference_mode, upgrade
 from bnfold.io import load
 from bnfold.rules.plan import scratch_directory
 from bnfold.verify import verify
@@ -47,17 +47,19 @@ from bnfold.verify import verify
 def fold_command(input_paths: tuple[str, ...], output: str | None, output_dir: str | None,
                  jobs: int, in_place: bool, no_verify: bool,
                  inputs: str | None, dims: tuple[str, ...], atol: float | None,
-                 rtol: float | None, seed: int, json_path: str | None, quiet: bool, force: bool,
+                 rtol: float | None, seed: int, runs: int, verbose: bool, json_path: str | None,
+                 quiet: bool, force: bool,
                  dry_run: bool, allow_initializer_inputs: bool, training_to_inference: bool,
                  lower_standalone: bool, strict: bool) -> None:
     """Fold the batch norms of INPUT (or of each INPUT) into their neighbouring layers.
 
     Batch norms are BatchNormalization nodes and the Sub/Mul/Add/Div chains by per-channel
-    constants that Keras and other exporters write; no-op Casts are removed. What cannot be
-    folded exactly is kept, and the report says why.
+    constants that Keras and other exporters write; no-op Casts are removed when something
+    folds. What cannot be folded exactly is kept, and the report says why.
 
     OUTPUT is written only if onnxruntime finds that it computes the same outputs as INPUT
-    (or with --no-verify or --force).
+    (or with --no-verify or --force). When nothing folds, OUTPUT is a copy of INPUT, written
+    without a check. Models of opset 1..6 with batch norms are converted to opset 7 first.
 
     Several models (files, or folders standing for the .onnx files in them) are folded in one
     run with --output-dir, in this process or in --jobs N workers; each report is printed,
@@ -70,7 +72,8 @@ def fold_command(input_paths: tuple[str, ...], output: str | None, output_dir: s
       bnfold fold model.onnx --dry-run --strict      # CI: exit 3 if a batch norm stays
     """
     options = FoldOptions(no_verify=no_verify, inputs=inputs, dims=parse_dims(dims), atol=atol,
-                          rtol=rtol, seed=seed, force=force, dry_run=dry_run,
+                          rtol=rtol, seed=seed, runs=runs, verbose=verbose, force=force,
+                          dry_run=dry_run,
                           allow_initializer_inputs=allow_initializer_inputs,
                           training_to_inference=training_to_inference,
                           lower_standalone=lower_standalone, strict=strict)
@@ -96,6 +99,8 @@ class FoldOptions:
     atol: float | None = None
     rtol: float | None = None
     seed: int = 0
+    runs: int = 1
+    verbose: bool = False
     force: bool = False
     dry_run: bool = False
     allow_initializer_inputs: bool = False
@@ -138,19 +143,28 @@ def fold_file(input_path: str, output: str | None, in_place: bool, options: Fold
         if stage is None:
             _emit(report, run, json_path, quiet, job.reads, summary)
             return _strict_code(report, options.strict)
-        progress("saving")
         with run.step("save"):
-            stage.save(folded, base_dir=job.base_dir, external_data=had_external_data or None)
-        if not options.no_verify:
+            if not report.changed:  # nothing to check: OUTPUT is INPUT as it was
+                _write_unchanged(stage, report, input_path, folded, job.base_dir,
+                                 had_external_data)
+            else:
+                progress("saving")
+                stage.save(folded, base_dir=job.base_dir,
+                           external_data=had_external_data or None)
+        if report.changed and not options.no_verify:
             progress("verifying")
             with run.step("check"):
                 reference = input_path
+                if report.upgraded_from is not None:  # onnxruntime cannot run BN-6: compare
+                    reference = upgrade(load(input_path, check=False))  # with onnx's conversion
                 if options.training_to_inference:  # the original as it runs in inference
-                    reference = to_inference_mode(load(input_path, check=False))
+                    reference = to_inference_mode(load(input_path, check=False)
+                                                  if isinstance(reference, str) else reference)
                 report.verification = verify(reference, stage.path, inputs=options.inputs,
                                              dims=options.dims, atol=options.atol,
                                              rtol=options.rtol, seed=options.seed,
-                                             base_dir=job.base_dir)
+                                             runs=options.runs, base_dir=job.base_dir,
+                                             verbose=options.verbose)
             if not report.verification.passed and not options.force:
                 stage.discard()
         committing = time.perf_counter()
@@ -178,3 +192,17 @@ def _strict_code(report, strict: bool) -> int:
         click.echo(f"bnfold: --strict: {len(report.kept)} batch norm(s) kept: {names}", err=True)
         return EXIT_STRICT
     return 0
+
+
+def _write_unchanged(stage, report, input_path: str, model: onnx.ModelProto, base_dir: str,
+                     had_external_data: bool) -> None:
+    """OUTPUT as a byte copy of INPUT; a model with external data is saved again with a data
+    file of its own (a copy would read INPUT's). In place too: the commit then also sweeps
+    what killed runs left beside it."""
+    if had_external_data:
+        stage.save(model, base_dir=base_dir, external_data=True)
+    else:
+        with open(input_path, "rb") as f:
+            stage.write_bytes(f.read())
+    report.notes.append(f"{stage.target.given} written as a copy of {input_path} (nothing "
+                        f"changed, no check needed)")
