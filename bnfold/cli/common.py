@@ -312,12 +312,24 @@ def written_size(written) -> int | None:
 # --- what every JSON report starts with ----------------------------------------------------------
 
 def versions() -> dict[str, str]:
-    """bnfold's, onnx's and onnxruntime's versions (onnxruntime imported on demand)."""
-    import onnxruntime
-
+    """bnfold's, onnx's and onnxruntime's versions. onnxruntime is not imported for it (a
+    command that runs no check never loads it): its version is its distribution's."""
     from bnfold import __version__
-    return {"bnfold": __version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__}
+    return {"bnfold": __version__, "onnx": onnx.__version__, "onnxruntime": _onnxruntime()}
+
+
+def _onnxruntime() -> str:
+    if "onnxruntime" in sys.modules:
+        return sys.modules["onnxruntime"].__version__
+    from importlib import metadata
+    for dist in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-training",
+                 "onnxruntime-training-cpu", "onnxruntime-directml", "onnxruntime-openvino"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    import onnxruntime
+    return onnxruntime.__version__
 
 
 @dataclass

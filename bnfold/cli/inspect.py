@@ -41,7 +41,7 @@ def inspect_command(model_path: str, ops: tuple[str, ...], json_path: str | None
     paths.write("--json", json_path)
     with run.step("inspect"):
         report = inspect(model, ops=ops, base_dir=os.path.dirname(os.path.abspath(model_path)))
-    data = {**run.to_dict(), **report.to_dict()}
+    data = {**run.to_dict(), **report.to_dict()} if json_path else None
     if json_path == "-":
         click.echo(json.dumps(data, indent=2))
         return
