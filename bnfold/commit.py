@@ -90,21 +90,25 @@ class Stage:
         self.written: Written | None = None
         # Made while no commit here runs (they sweep unlocked folders), and locked while this
         # process lives: a later run sweeps the folder only once this one died.
-        with _directory_lock(self.target.directory), _signals_held():
-            try:
-                self.folder = tempfile.mkdtemp(prefix=_PREFIX, dir=self.target.directory)
-            except OSError as err:
-                raise write_failure(err, self.target.given, self.target.directory) from None
-            try:
-                self._lock_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with _directory_lock(self.target.directory), _signals_held():
                 try:
-                    fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:  # no flock here: then no run sweeps here either
-                    pass
-                os.mkdir(os.path.join(self.folder, _MODEL_DIR))
-            except OSError as err:
-                self.close()
-                raise write_failure(err, self.target.given, self.target.directory) from None
+                    self.folder = tempfile.mkdtemp(prefix=_PREFIX, dir=self.target.directory)
+                except OSError as err:
+                    raise write_failure(err, self.target.given, self.target.directory) from None
+                try:
+                    self._lock_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+                    try:
+                        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError:  # no flock here: then no run sweeps here either
+                        pass
+                    os.mkdir(os.path.join(self.folder, _MODEL_DIR))
+                except OSError as err:
+                    self.close()
+                    raise write_failure(err, self.target.given, self.target.directory) from None
+        except BaseException:  # a signal held while the folder was made arrives here
+            self.close()
+            raise
         self.path = os.path.join(self.folder, _MODEL_DIR, self.target.name)
         self._tmp_data = _tmp_name(self.data_name, os.path.basename(self.folder)[len(_PREFIX):],
                                    name_max(self.target.directory))

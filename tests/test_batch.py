@@ -147,3 +147,82 @@ def test_jobs_in_a_subprocess_give_the_same_outputs_and_exit_code(models, tmp_pa
     written = [{name: (tmp_path / out / name).read_bytes()
                 for name in sorted(os.listdir(tmp_path / out))} for out in ("out1", "out2")]
     assert written[0] == written[1] and len(written[0]) == 3
+
+
+def test_sigterm_stops_the_workers_and_leaves_no_temporary_files(tmp_path):
+    import shutil
+    import signal
+    import time
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(40):
+        shutil.copy(os.path.join(ROOT, "models", "cnn_conv_bn_relu.onnx"), folder / f"m{i}.onnx")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "bnfold", "fold", str(folder), "--output-dir",
+                             str(out), "--jobs", "2", "-q"], cwd=ROOT, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while not (out.is_dir() and any(n.endswith(".onnx") for n in os.listdir(out))):
+        assert proc.poll() is None and time.monotonic() < deadline, "no model written"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143, stderr
+    assert stderr == "bnfold: terminated (SIGTERM), temporary files removed\n", stderr
+    left = [n for n in os.listdir(out) if not n.endswith(".onnx")]
+    assert not left, [(n, sorted(str(p.relative_to(out)) for p in (out / n).rglob("*")))
+                      for n in left]
+    assert len(os.listdir(out)) < 40
+
+
+def test_a_signal_held_while_the_stage_folder_is_made_leaves_no_folder(tmp_path, monkeypatch):
+    """Regression: SIGTERM held while a stage folder was made arrived when the hold ended, inside
+    Stage's constructor, before `staged` could remove the folder (found by the test above)."""
+    import signal
+    import tempfile
+
+    from bnfold import commit
+    from bnfold.errors import Stopped
+
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp_then_signal(*args, **kwargs):
+        folder = real_mkdtemp(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # held (blocked) until the folder is ready
+        return folder
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    monkeypatch.setattr(commit.tempfile, "mkdtemp", mkdtemp_then_signal)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stopped):
+            with commit.staged(tmp_path / "out.onnx"):
+                pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("signum, code", [(15, 143), (2, 130)])
+def test_a_signal_wrapped_in_another_error_still_exits_143_or_130(models, tmp_path, monkeypatch,
+                                                                  signum, code):
+    """Regression: SIGTERM during the first `import onnxruntime` came out as onnxruntime's
+    ImportError("initialization failed") with a traceback, not as exit 143."""
+    import bnfold.cli.fold
+    from bnfold.errors import Stopped
+
+    def interrupted_import(*args, **kwargs):
+        try:
+            raise Stopped(signum) if signum == 15 else KeyboardInterrupt()
+        except BaseException as stop:
+            raise ImportError("initialization failed") from stop
+
+    monkeypatch.setattr(bnfold.cli.fold, "verify", interrupted_import)
+    result = run("fold", models / "conv.onnx", "-o", tmp_path / "out.onnx")
+    assert result.exit_code == code
+    assert result.stderr.splitlines()[-1].endswith("temporary files removed")
+    assert "Traceback" not in result.output and not os.path.exists(tmp_path / "out.onnx")
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".bnfold")] == []

@@ -1,7 +1,7 @@
 """`bnfold fold A.onnx B.onnx DIR/ ... --output-dir OUT`: many models in one run.
 
 Models are folded one after another in this interpreter, or by `--jobs N` worker processes (each
-started once, for all the models it gets), so a model repository pays interpreter and
+started once, for the models it gets: every N-th), so a model repository pays interpreter and
 onnxruntime start-up once per worker, not once per model. Each model's report is printed when
 it is done, in the order given; `--json` gets one summary of the run. The run's exit code is the
 worst of the models': 2 (a model could not be read or written) over 1 (a verification failed)
@@ -96,17 +96,7 @@ def run_batch(files: list[str], outputs: list[str | None], in_place: bool, optio
         for task in tasks:
             results.append(_show(fold_one(task)))
     else:
-        pool = multiprocessing.get_context("spawn").Pool(min(jobs, len(tasks)),
-                                                          initializer=_worker_start)
-        try:
-            for result in pool.imap(fold_one, tasks):
-                results.append(_show(result))
-            pool.close()
-        except BaseException:  # a signal, or a worker gone: stop the others, who clean up
-            pool.terminate()
-            raise
-        finally:
-            pool.join()
+        results = [_show(result) for result in _in_workers(tasks, min(jobs, len(tasks)))]
     codes = [code for code, _, _ in results]
     exit_code = next((c for c in SEVERITY if c in codes), 0)
     counts = {"models": len(codes), "ok": codes.count(0), "bad_input": codes.count(2),
@@ -121,6 +111,49 @@ def run_batch(files: list[str], outputs: list[str | None], in_place: bool, optio
                  if what != "models" and n]
         click.echo(f"bnfold: {counts['models']} models: {', '.join(parts)}", err=True)
     return exit_code
+
+
+def _in_workers(tasks: list, jobs: int):
+    """fold_one over `tasks` in `jobs` processes started once each (spawned: no fork of a
+    process that has loaded onnxruntime), task i going to worker i % jobs; results yielded in
+    order as they come. Each worker has a pipe of its own: nothing is shared that a worker
+    stopped by a signal could leave locked. On any exception (a signal) the workers are sent
+    SIGTERM, which they unwind (removing their temporaries), and waited for."""
+    context = multiprocessing.get_context("spawn")
+    workers, pipes = [], []
+    try:
+        for i in range(jobs):
+            receive, send = context.Pipe(duplex=False)
+            worker = context.Process(target=_worker_main, args=(tasks[i::jobs], send),
+                                     daemon=True)
+            worker.start()
+            send.close()
+            workers.append(worker)
+            pipes.append(receive)
+        for i in range(len(tasks)):
+            try:
+                yield pipes[i % jobs].recv()
+            except EOFError:
+                raise BnfoldError(f"a worker process ended without folding {tasks[i][0]} "
+                                  f"(exit code {workers[i % jobs].exitcode})") from None
+    finally:
+        for worker in workers:
+            if worker.is_alive():
+                worker.terminate()
+        for worker in workers:
+            worker.join()
+
+
+def _worker_main(tasks: list, pipe) -> None:
+    _worker_start()
+    try:
+        for task in tasks:
+            pipe.send(fold_one(task))
+        pipe.close()
+    except BaseException:  # its temporaries were removed on the way here
+        if _worker.get("stopping"):  # a signal, maybe wrapped (onnxruntime's ImportError)
+            os._exit(128 + _worker["stopping"])
+        raise
 
 
 def fold_one(task) -> tuple[int, str, dict]:
@@ -164,8 +197,8 @@ _worker = {"busy": False}  # in a worker process: folding a model now
 
 
 def _worker_start() -> None:
-    """A worker leaves Ctrl-C to the main process, which stops the pool; SIGTERM (the pool
-    stopping) unwinds the model it is folding, so that its temporary files are removed, then
+    """A worker leaves Ctrl-C to the main process, which stops the workers; SIGTERM (from it)
+    unwinds the model a worker is folding, so that its temporary files are removed, then
     ends it quietly (the main process reports the signal)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker["started"] = True
@@ -173,6 +206,7 @@ def _worker_start() -> None:
     def stop(signum, frame):
         if not _worker["busy"]:
             os._exit(128 + signum)
+        _worker["stopping"] = signum
         raise Stopped(signum)
 
     signal.signal(signal.SIGTERM, stop)

@@ -51,10 +51,31 @@ class ReportsErrors:
                     stop = Stopped(signal.SIGINT)
                 click.echo(f"bnfold: {stop}", err=True)
                 raise click.exceptions.Exit(stop.exit_code) from None
-            except (BnfoldError, OSError) as err:
+            except click.exceptions.Exit:
+                raise
+            except Exception as err:
+                stop = _stopped_within(err)
+                if stop is not None:  # e.g. a signal during `import onnxruntime`, which
+                    click.echo(f"bnfold: {stop}", err=True)  # wraps it in an ImportError
+                    raise click.exceptions.Exit(stop.exit_code) from None
+                if not isinstance(err, (BnfoldError, OSError)):
+                    raise
                 failure = Failure(one_line(err))
                 failure.exit_code = 1 if isinstance(err, VerificationFailed) else 2
                 raise failure from err
+
+
+def _stopped_within(err: BaseException) -> Stopped | None:
+    """The `Stopped` an exception was raised from or during, if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, Stopped):
+            return err
+        if isinstance(err, KeyboardInterrupt):
+            return Stopped(signal.SIGINT)
+        seen.add(id(err))
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    return None
 
 
 class Command(ReportsErrors, click.Command):
