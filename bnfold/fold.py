@@ -110,15 +110,6 @@ def _is_bn(node: onnx.NodeProto) -> bool:
     return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
 
 
-def _used_names(model: onnx.ModelProto) -> set[str]:
-    used: set[str] = set()
-    for graph in graphs(model.graph):
-        used.update(o.name for o in graph.output)
-        for node in graph.node:
-            used.update(node.input)
-    return used
-
-
 def _to_inference_mode(model: onnx.ModelProto) -> list[str]:
     """Set training-mode BNs to inference mode where no node reads their running statistics.
 
@@ -170,12 +161,12 @@ class _FoldRun:
 
     def fold_graph(self, graph: onnx.GraphProto, outer: Scope | None, path: str) -> None:
         kept: dict[str, tuple] = {}  # output -> (name, op, Affine or None, reason)
+        view = self.view(graph, outer)  # built once, refreshed after each scan
         progress = True
         while progress:  # to a fixpoint: a fold can make another batch norm foldable
             progress = False
-            view = self.view(graph, outer)
-            # Plans are computed on this scan's view; one that meets a value next to an earlier
-            # rewrite of the scan waits for the next scan, on a fresh view.
+            # Plans are computed on this scan's snapshot; one that meets a value next to an
+            # earlier rewrite of the scan waits for the next scan, on the refreshed view.
             dirty: set[str] = set()
             for aff in list(_batch_norms(view)):
                 if isinstance(aff, tuple):  # (node, op, reason): not a fixed affine map
@@ -197,7 +188,7 @@ class _FoldRun:
                     into=display_name(result.into), graph=path, op=aff.op))
                 del result  # its new weights are in the model now: not twice in memory
                 progress = True
-        view = self.view(graph, outer)
+            view.refresh()
         for name, op, aff, reason in kept.values():
             if aff is not None and op == "affine" and len(aff.nodes) < 2:
                 continue  # a lone Add or Mul by a constant that stays is not worth a line
@@ -206,6 +197,7 @@ class _FoldRun:
                 action = "lowered" if self._lower(view, aff) else "kept"
             self.report.decisions.append(Decision(node=name, action=action, reason=reason,
                                                   graph=path, op=op))
+        view.refresh()
         for node in graph.node:  # (lowering only added names no subgraph can read)
             for attr_name, sub in subgraphs(node):
                 self.fold_graph(sub, view.scope, f"{path}/{display_name(node)}:{attr_name}")
@@ -229,59 +221,78 @@ class _FoldRun:
         scale, shift = cast_to(aff.scale.reshape(along), data_type), cast_to(aff.shift.reshape(along), data_type)
         if isinstance(scale, str) or isinstance(shift, str):
             return False
-        graph, (bn,) = view.graph, aff.nodes
-        position = list(graph.node).index(bn)
+        (bn,) = aff.nodes
         names = [self.names(f"{aff.name}/{role}") for role in ("scale", "shift", "scaled")]
         for name, value in zip(names, (scale, shift)):
-            tensor = graph.initializer.add()
-            tensor.name = name
-            fill(tensor, value)
+            fill(view.add_initializer(name), value)
         if view.legacy_inputs:
             for name, value in zip(names, (scale, shift)):
-                graph.input.append(helper.make_tensor_value_info(name, data_type, list(value.shape)))
-        graph.node.remove(bn)
-        graph.node.insert(position, helper.make_node("Add", [names[2], names[1]], [aff.y],
-                                                     name=self.names(f"{aff.name}/Add")))
-        graph.node.insert(position, helper.make_node("Mul", [aff.x, names[0]], [names[2]],
-                                                     name=self.names(f"{aff.name}/Mul")))
+                view.add_graph_input(helper.make_tensor_value_info(name, data_type,
+                                                                   list(value.shape)))
+        add = helper.make_node("Add", [names[2], names[1]], [aff.y],
+                               name=self.names(f"{aff.name}/Add"))
+        mul = helper.make_node("Mul", [aff.x, names[0]], [names[2]],
+                               name=self.names(f"{aff.name}/Mul"))
+        view.remove(bn)  # Mul then Add take its place
+        view.insert_after(bn, mul)
+        view.insert_after(bn, add)
         self.touched.update(aff.params)
         return True
 
     def collect_garbage(self) -> None:
-        """Remove the constants and value_info entries the rewrites left without a reader."""
-        while True:  # a removed node's inputs may have lost their last reader too
-            dead = self.touched - _used_names(self.model)
-            for graph in graphs(self.model.graph):
-                for node in graph.node:
-                    if _is_pure(node) and set(node.output) <= dead:
-                        self.touched.update(n for n in node.input if n)
-            if not self._remove(dead):
-                break
+        """Remove the constants and value_info entries the rewrites left without a reader.
+
+        A value is dead when a rewrite touched it and nothing reads it (no node input, no graph
+        output, in any graph); a pure node whose outputs are all dead goes too, and its inputs
+        may die in turn. Read counts are kept, so the cost is one walk of the model plus what
+        dies; every list is then swept once.
+        """
+        all_graphs = list(graphs(self.model.graph))
+        reads: dict[str, int] = {}
+        producers: dict[str, list[onnx.NodeProto]] = {}
+        for graph in all_graphs:
+            for o in graph.output:
+                reads[o.name] = reads.get(o.name, 0) + 1
+            for node in graph.node:
+                for name in node.input:
+                    reads[name] = reads.get(name, 0) + 1
+                for name in node.output:
+                    producers.setdefault(name, []).append(node)
+        dead: set[str] = set()
+        doomed_nodes: dict[int, onnx.NodeProto] = {}
+        pending = list(self.touched)
+        while pending:
+            name = pending.pop()
+            if name in dead or reads.get(name, 0) or name not in self.touched:
+                continue
+            dead.add(name)
+            for node in producers.get(name, ()):
+                if id(node) in doomed_nodes or not _is_pure(node) \
+                        or not all(o in dead for o in node.output):
+                    continue
+                doomed_nodes[id(node)] = node
+                inputs = [n for n in node.input if n]
+                self.touched.update(inputs)
+                for n in node.input:
+                    reads[n] -= 1
+                pending.extend(inputs)
+        for graph in all_graphs:
+            is_legacy_main = graph is self.model.graph and self.model.ir_version < 4
+            doomed = dead if is_legacy_main else dead - {i.name for i in graph.input}
+            remove_where(graph.initializer, lambda t: t.name in doomed)
+            if is_legacy_main:
+                remove_where(graph.input, lambda i: i.name in doomed)
+            remove_where(graph.node, lambda n: id(n) in doomed_nodes)
+            remove_where(graph.value_info, lambda v: v.name in doomed)
         produced: set[str] = set()
-        for graph in graphs(self.model.graph):
+        for graph in all_graphs:
             produced.update(i.name for i in graph.input)
             produced.update(t.name for t in graph.initializer)
             for node in graph.node:
                 produced.update(node.output)
-        for graph in graphs(self.model.graph):
+        for graph in all_graphs:
             remove_where(graph.value_info,
-                          lambda v: v.name in self.dropped and v.name not in produced)
-
-    def _remove(self, dead: set[str]) -> int:
-        """Remove dead initializers and the pure nodes computing only dead values; the count."""
-        removed = 0
-        for graph in graphs(self.model.graph):
-            is_legacy_main = graph is self.model.graph and self.model.ir_version < 4
-            interface = set() if is_legacy_main else {i.name for i in graph.input}
-            doomed = dead - interface
-            before = len(graph.initializer) + len(graph.node)
-            remove_where(graph.initializer, lambda t: t.name in doomed)
-            if is_legacy_main:
-                remove_where(graph.input, lambda i: i.name in doomed)
-            remove_where(graph.node, lambda n: _is_pure(n) and set(n.output) <= doomed)
-            remove_where(graph.value_info, lambda v: v.name in doomed)
-            removed += before - len(graph.initializer) - len(graph.node)
-        return removed
+                         lambda v: v.name in self.dropped and v.name not in produced)
 
 
 def _is_pure(node: onnx.NodeProto) -> bool:

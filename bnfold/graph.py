@@ -194,7 +194,13 @@ class Scope:
 
 
 class GraphView:
-    """Index of one graph, with access to constants of the enclosing scopes."""
+    """Index of one graph, with access to constants of the enclosing scopes.
+
+    Built once per graph and kept up to date by the rewrites, which change the graph through
+    it (`set_input`, `set_output`, `remove`, `insert_after`, `add_initializer`). The index is a
+    snapshot: changes show in it, and in the graph's node list, at the next `refresh`, which
+    makes it what a fresh `GraphView` of the graph would be, at the cost of the changes only.
+    """
 
     def __init__(self, model: onnx.ModelProto, graph: onnx.GraphProto, *, outer: Scope | None,
                  base_dir: str | None, allow_initializer_inputs: bool,
@@ -207,40 +213,77 @@ class GraphView:
         self.legacy_inputs = model.ir_version < 4 and self.is_main
         self.scope = Scope(graph, outer)
         self.scope.initializers = {t.name: t for t in graph.initializer}
-        input_names = {i.name for i in graph.input}
+        self.inputs = {i.name for i in graph.input}
         if not self.legacy_inputs and not allow_initializer_inputs:
-            self.scope.overridable = input_names & set(self.scope.initializers)
+            self.scope.overridable = self.inputs & set(self.scope.initializers)
         self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        self._readers: dict[str, dict[int, onnx.NodeProto]] = {}  # name -> id -> node
+        self._indexed: dict[int, tuple[onnx.NodeProto, tuple[str, ...], tuple[str, ...]]] = {}
+        # changes waiting for `refresh`
+        self._changed: dict[int, onnx.NodeProto] = {}
+        self._removed: dict[int, onnx.NodeProto] = {}
+        self._inserted: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (node, after)
+        self._new_initializers: list[onnx.TensorProto] = []
         for node in graph.node:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                self.scope.constant_nodes[node.output[0]] = node
-            for o in node.output:
-                if o:
-                    self.producer[o] = node
-            used = [n for n in node.input if n]
-            for _, sub in subgraphs(node):
-                used += sorted(free_names(sub))
-            for name in dict.fromkeys(used):
-                self.consumers.setdefault(name, []).append(node)
+            self._index(node)
         self.outputs = {o.name for o in graph.output}
+
+    def _index(self, node: onnx.NodeProto) -> None:
+        outputs = tuple(node.output)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            self.scope.constant_nodes[outputs[0]] = node
+        for o in outputs:
+            if o:
+                self.producer[o] = node
+        used = [n for n in node.input if n]
+        for _, sub in subgraphs(node):
+            used += sorted(free_names(sub))
+        reads = tuple(dict.fromkeys(used))
+        key = id(node)
+        for name in reads:
+            readers = self._readers.get(name)
+            if readers is None:
+                self._readers[name] = {key: node}
+            else:
+                readers[key] = node
+        self._indexed[key] = (node, reads, outputs)
+
+    def _unindex(self, node: onnx.NodeProto) -> None:
+        key = id(node)
+        _, reads, outputs = self._indexed.pop(key)
+        for name in reads:
+            readers = self._readers[name]
+            del readers[key]
+            if not readers:
+                del self._readers[name]
+        for o in outputs:
+            if o and self.producer.get(o) is node:
+                del self.producer[o]
+        if outputs and self.scope.constant_nodes.get(outputs[0]) is node:
+            del self.scope.constant_nodes[outputs[0]]
 
     # -- structure ------------------------------------------------------------------------
 
     def users(self, name: str) -> list[onnx.NodeProto]:
-        return self.consumers.get(name, [])
+        readers = self._readers.get(name)
+        return list(readers.values()) if readers else []
 
     def sole_user(self, name: str) -> onnx.NodeProto | None:
-        users = self.users(name)
-        return users[0] if len(users) == 1 and name not in self.outputs else None
+        readers = self._readers.get(name)
+        if readers is None or len(readers) != 1 or name in self.outputs:
+            return None
+        return next(iter(readers.values()))
 
     def why_not_private(self, name: str, owner: str) -> str | None:
         """Reason `name` cannot be rewired: it has other consumers or is a graph output."""
         if name in self.outputs:
             return f"output of {owner} is a graph output"
-        if len(self.users(name)) > 1:
+        if len(self._readers.get(name, ())) > 1:
             return f"output of {owner} has other consumers"
         return None
+
+    def is_graph_input(self, name: str) -> bool:
+        return name in self.inputs
 
     def shape(self, name: str) -> tuple | None:
         return self.shapes.get(name)
@@ -252,8 +295,74 @@ class GraphView:
         shape = self.shape(name)
         return None if shape is None else len(shape)
 
-    # -- constants ------------------------------------------------------------------------
+    # -- changes --------------------------------------------------------------------------
 
+    def set_input(self, node: onnx.NodeProto, index: int, name: str) -> None:
+        """node.input[index] = name (padding absent inputs with "")."""
+        while len(node.input) <= index:
+            node.input.append("")
+        node.input[index] = name
+        self._changed[id(node)] = node
+
+    def set_output(self, node: onnx.NodeProto, index: int, name: str) -> None:
+        node.output[index] = name
+        self._changed[id(node)] = node
+
+    def remove(self, node: onnx.NodeProto) -> None:
+        """Take `node` out of the graph (at the next `refresh`)."""
+        self._removed[id(node)] = node
+
+    def insert_after(self, after: onnx.NodeProto, node: onnx.NodeProto) -> onnx.NodeProto:
+        """Put a copy of `node` right after `after` (after the nodes inserted after it before);
+        returns the copy, which is the graph's."""
+        added = self.graph.node.add()
+        added.CopyFrom(node)
+        self._inserted.append((added, after))
+        return added
+
+    def add_initializer(self, name: str) -> onnx.TensorProto:
+        """A new, empty initializer of the graph named `name`."""
+        tensor = self.graph.initializer.add()
+        tensor.name = name
+        self._new_initializers.append(tensor)
+        return tensor
+
+    def add_graph_input(self, value: onnx.ValueInfoProto) -> None:
+        self.graph.input.append(value)
+        self.inputs.add(value.name)
+
+    def refresh(self) -> None:
+        """Apply the changes since the last refresh to the node list and to the index."""
+        if self._removed or self._inserted:
+            self._sweep()
+        for key, node in self._removed.items():
+            self._changed.pop(key, None)
+            if key in self._indexed:
+                self._unindex(node)
+        for node, _ in self._inserted:
+            self._changed.pop(id(node), None)
+            if id(node) not in self._removed:
+                self._index(node)
+        for key, node in self._changed.items():
+            self._unindex(node)
+            self._index(node)
+        for tensor in self._new_initializers:
+            self.scope.initializers[tensor.name] = tensor
+        self._changed, self._removed, self._inserted, self._new_initializers = {}, {}, [], []
+
+    def _sweep(self) -> None:
+        """Remove and insert the nodes in one reordering of the node list: removing one node of
+        a repeated protobuf field at a time costs as much as the field each time."""
+        nodes = list(self.graph.node)  # (keeps every wrapper, and so every id, alive)
+        keys = {id(n): (0, i, 0) for i, n in enumerate(nodes)}
+        for order, (node, after) in enumerate(self._inserted, 1):
+            keys[id(node)] = (0, keys[id(after)][1], order)
+        for key in self._removed:
+            keys[key] = (1,) + keys[key][1:]
+        self.graph.node.sort(key=lambda n: keys[id(n)])
+        del self.graph.node[len(nodes) - len(self._removed):]
+
+    # -- constants ------------------------------------------------------------------------
     def constant(self, name: str) -> np.ndarray | str:
         """The value of a constant tensor, or the reason it is not one."""
         node = self.producer.get(name)
@@ -293,21 +402,53 @@ class GraphView:
         return self.types.get(name)
 
 
+def defined_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a (sub)graph defines itself: its inputs, initializers and node outputs. Inside it,
+    they hide the values of the same name in enclosing scopes."""
+    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    names |= {t.values.name for t in graph.sparse_initializer}
+    for node in graph.node:
+        names.update(node.output)
+    names.discard("")
+    return names
+
+
 def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Make every reader of `old` (subgraphs included) read `new`."""
+    rename_all(graph, {old: new})
+
+
+def rename_all(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    """Make every reader of each old name (subgraphs included) read its new name, in one walk
+    of the graph. A subgraph that defines an old name itself reads its own value: its readers
+    are not renamed."""
+    if not renames:
+        return
     for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = new
+        if not renames.keys().isdisjoint(node.input):
+            for i, name in enumerate(node.input):
+                if name in renames:
+                    node.input[i] = renames[name]
         for _, sub in subgraphs(node):
-            rename_uses(sub, old, new)
+            shadowed = defined_names(sub)
+            inner = {old: new for old, new in renames.items() if old not in shadowed}
+            rename_all(sub, inner)
             for output in sub.output:  # a body may return an outer value directly
-                if output.name == old:
-                    output.name = new
+                if output.name in inner:
+                    output.name = inner[output.name]
 
 
-def remove_where(container, predicate) -> None:
-    """Delete the items of a repeated protobuf field that match, in place: rebuilding the field
-    would copy every tensor of a large model."""
-    for index in reversed([i for i, item in enumerate(container) if predicate(item)]):
-        del container[index]
+def remove_where(container, predicate) -> int:
+    """Delete the items of a repeated protobuf field that match, in place (rebuilding the field
+    would copy every tensor of a large model); returns how many."""
+    items = list(container)  # (keeps every wrapper, and so every id, alive)
+    doomed = [i for i, item in enumerate(items) if predicate(item)]
+    if len(doomed) <= 16:  # deleting one item moves the ones after it
+        for index in reversed(doomed):
+            del container[index]
+    elif doomed:  # a stable sort moves the doomed to the end, keeping the others' order
+        flags = dict.fromkeys(map(id, items), False)
+        flags.update((id(items[i]), True) for i in doomed)
+        container.sort(key=lambda item: flags[id(item)])
+        del container[len(items) - len(doomed):]
+    return len(doomed)
