@@ -82,28 +82,50 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def _batch_norms(view: GraphView):
+def _batch_norms(view: GraphView, known: dict[int, tuple]):
     """Every batch norm of the graph (BN nodes, affine chains): an `Affine`, or (node, op, reason)
-    when it is not a fixed affine map."""
+    when it is not a fixed affine map.
+
+    `known` keeps each BN node's result from scan to scan (keyed by id, with the node): nothing
+    a BN's map is read from changes while the node stays, since rewrites change only the
+    layers' inputs and outputs, and fill only the initializers a layer alone reads.
+    """
     for node in view.graph.node:
         if _is_bn(node):
-            aff = bn_affine(view, node)
+            entry = known.get(id(node))
+            if entry is None or entry[0] is not node:
+                entry = known[id(node)] = (node, bn_affine(view, node))
+            aff = entry[1]
             yield (node, "BatchNormalization", aff) if isinstance(aff, str) else aff
     for head in chain_heads(view):
         aff = chain_affine(view, head)
         yield (head, "affine", aff) if isinstance(aff, str) else aff
 
 
-def _values_near(view: GraphView, nodes: list[onnx.NodeProto], hops: int = _RULE_REACH) -> set[str]:
-    """Every value of the nodes within `hops` nodes of `nodes`, upstream or downstream."""
-    seen = {id(n): n for n in nodes}
-    frontier = list(nodes)
-    for _ in range(hops):
-        near = [view.producer.get(name) for n in frontier for name in n.input]
-        near += [user for n in frontier for name in n.output for user in view.users(name)]
-        frontier = [n for n in near if n is not None and id(n) not in seen]
-        seen.update((id(n), n) for n in frontier)
-    return {name for n in seen.values() for name in (*n.input, *n.output) if name}
+def _near(view: GraphView, nodes: list[onnx.NodeProto], values: set[str],
+          hops: int = _RULE_REACH) -> bool:
+    """Whether a node within `hops` nodes of `nodes`, upstream or downstream, has one of
+    `values` as an input or output."""
+    producer, users, disjoint = view.producer.get, view.users, values.isdisjoint
+    seen = {id(n) for n in nodes}
+    frontier = nodes
+    for hop in range(hops + 1):
+        for n in frontier:
+            if not (disjoint(n.input) and disjoint(n.output)):
+                return True
+        if hop == hops:
+            return False
+        near = []
+        for n in frontier:
+            near += map(producer, n.input)
+            for name in n.output:
+                near += users(name)
+        frontier = []
+        for n in near:
+            if n is not None and id(n) not in seen:
+                seen.add(id(n))
+                frontier.append(n)
+    return False
 
 
 def _is_bn(node: onnx.NodeProto) -> bool:
@@ -162,18 +184,19 @@ class _FoldRun:
     def fold_graph(self, graph: onnx.GraphProto, outer: Scope | None, path: str) -> None:
         kept: dict[str, tuple] = {}  # output -> (name, op, Affine or None, reason)
         view = self.view(graph, outer)  # built once, refreshed after each scan
+        affines: dict[int, tuple] = {}
         progress = True
         while progress:  # to a fixpoint: a fold can make another batch norm foldable
             progress = False
             # Plans are computed on this scan's snapshot; one that meets a value next to an
             # earlier rewrite of the scan waits for the next scan, on the refreshed view.
             dirty: set[str] = set()
-            for aff in list(_batch_norms(view)):
+            for aff in list(_batch_norms(view, affines)):
                 if isinstance(aff, tuple):  # (node, op, reason): not a fixed affine map
                     node, op, reason = aff
                     kept[node.output[0]] = (display_name(node), op, None, reason)
                     continue
-                if dirty and dirty & _values_near(view, aff.nodes):
+                if dirty and _near(view, aff.nodes, dirty):
                     continue  # what the rules read here may be stale: even a refusal
                 result = self._plan(view, aff)
                 if isinstance(result, str):

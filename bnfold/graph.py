@@ -6,7 +6,9 @@ it indexes names, it never copies tensor data).
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -102,37 +104,41 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, in
     for field_name in ("node", "input", "output", "value_info"):
         getattr(g, field_name).extend(getattr(model.graph, field_name))
     g.name = model.graph.name
-    for t in model.graph.initializer:
-        light = g.initializer.add()
-        light.name, light.data_type = t.name, t.data_type
-        light.dims.extend(t.dims)
-        if int(np.prod(t.dims)) <= _SHAPE_DATA_LIMIT and not is_external(t):
-            light.CopyFrom(t)
-    listed = {i.name for i in g.input}
-    for t in model.graph.initializer:  # give every initializer a type for inference
-        if t.name not in listed:
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    initializers = model.graph.initializer
+    if all(math.prod(t.dims) <= _SHAPE_DATA_LIMIT and not is_external(t) for t in initializers):
+        g.initializer.extend(initializers)  # small weights only: one copy, in C
+    else:
+        for t in initializers:
+            light = g.initializer.add()
+            if math.prod(t.dims) <= _SHAPE_DATA_LIMIT and not is_external(t):
+                light.CopyFrom(t)
+            else:
+                light.name, light.data_type = t.name, t.data_type
+                light.dims.extend(t.dims)
+    if model.ir_version < 4:  # IR >= 4: onnx types initializers that are not inputs itself
+        listed = {i.name for i in g.input}
+        for t in model.graph.initializer:  # give every initializer a type for inference
+            if t.name not in listed:
+                g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type,
+                                                                  list(t.dims)))
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     except Exception:  # inference is a hint: without it, rank-dependent rules refuse
         inferred = skeleton
-    shapes: dict[str, tuple] = {}
-    types: dict[str, int] = {}
+    shapes, types = _Deferred(_shape_of), {}
 
     def visit(graph: onnx.GraphProto) -> None:
-        for v in list(graph.input) + list(graph.output) + list(graph.value_info):
-            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
-                types[v.name] = v.type.tensor_type.elem_type
-            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
-                dims = []
-                for d in v.type.tensor_type.shape.dim:
-                    if d.HasField("dim_value"):
-                        dims.append(d.dim_value)
-                    else:
-                        dims.append(d.dim_param or None)
-                shapes[v.name] = tuple(dims)
+        for v in (*graph.input, *graph.output, *graph.value_info):
+            if not v.type.HasField("tensor_type"):
+                continue
+            tensor_type = v.type.tensor_type
+            if tensor_type.elem_type:
+                types[v.name] = tensor_type.elem_type
+            if tensor_type.HasField("shape"):
+                shapes.defer(v.name, v)
         for t in graph.initializer:
-            shapes[t.name], types[t.name] = tuple(t.dims), t.data_type
+            shapes.defer(t.name, t)
+            types[t.name] = t.data_type
         for node in graph.node:
             if node.op_type == "Constant":
                 for a in node.attribute:
@@ -146,13 +152,81 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, in
     return shapes, types
 
 
+def _shape_of(source: onnx.ValueInfoProto | onnx.TensorProto) -> tuple:
+    if isinstance(source, onnx.TensorProto):
+        return tuple(source.dims)
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                 for d in source.type.tensor_type.shape.dim)
+
+
+class _Deferred(dict):
+    """A dict some of whose values are made from a source on first read: inference gives a
+    shape to every value, and a pass reads a few."""
+
+    def __init__(self, make):
+        super().__init__()
+        self._sources: dict = {}
+        self._make = make
+
+    def defer(self, key, source) -> None:
+        dict.pop(self, key, None)
+        self._sources[key] = source
+
+    def _made(self, key) -> bool:
+        source = self._sources.pop(key, None)
+        if source is None:
+            return dict.__contains__(self, key)
+        dict.__setitem__(self, key, self._make(source))
+        return True
+
+    def __setitem__(self, key, value) -> None:
+        self._sources.pop(key, None)
+        dict.__setitem__(self, key, value)
+
+    def __contains__(self, key) -> bool:
+        return dict.__contains__(self, key) or key in self._sources
+
+    def __getitem__(self, key):
+        self._made(key)
+        return dict.__getitem__(self, key)
+
+    def get(self, key, default=None):
+        return dict.__getitem__(self, key) if self._made(key) else default
+
+    def setdefault(self, key, default=None):
+        return dict.__getitem__(self, key) if self._made(key) else dict.setdefault(self, key, default)
+
+    def __eq__(self, other) -> bool:
+        for key in list(self._sources):
+            self._made(key)
+        return dict.__eq__(self, other)
+
+    def __ne__(self, other) -> bool:
+        return not self == other
+
+    __hash__ = None
+
+
 def is_external(t: onnx.TensorProto) -> bool:
     return t.data_location == onnx.TensorProto.EXTERNAL
+
+
+# Element types whose raw bytes are their numpy array as they are (on little-endian machines).
+_RAW_TYPES = {t: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)) for t in (
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
+    onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+    onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64,
+    onnx.TensorProto.BOOL)} if sys.byteorder == "little" else {}
 
 
 def tensor_value(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
     """A tensor's value, its data read from external files when it has any. onnx refuses
     absolute locations; bnfold writes them itself for weights it spilled to disk."""
+    dtype = _RAW_TYPES.get(tensor.data_type)
+    if dtype is not None and tensor.HasField("raw_data") and not is_external(tensor) \
+            and not tensor.HasField("segment"):  # numpy_helper.to_array's result, sooner
+        return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tuple(tensor.dims))
     info = {e.key: e.value for e in tensor.external_data}
     if not is_external(tensor) or not os.path.isabs(info.get("location", "")):
         return numpy_helper.to_array(tensor, base_dir)
