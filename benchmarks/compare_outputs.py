@@ -10,7 +10,8 @@ builders' models (tests/builders.py, default arguments), and `--random` random g
 property tests' generators (tests/test_fold_properties.py, tests/test_fold_affine_properties.py).
 Each version runs in its own process with PYTHONPATH set to its copy of bnfold. Jobs: fold with
 the defaults; fold with lower_standalone and training_to_inference; insert(all_layers=True);
-inspect. An exception counts as a result (its type and message are compared).
+inspect; each result model is compared as serialized in memory and as `bnfold.save` writes
+it. An exception counts as a result (its type and message are compared).
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def _child(models: Path, out: Path) -> None:
     from bnfold.fold import fold
     from bnfold.insert import insert
     from bnfold.inspect import inspect
+    from bnfold.io import save
 
     def fold_default(model):
         return fold(model)
@@ -138,6 +140,7 @@ def _child(models: Path, out: Path) -> None:
             Path(stem + ".json").write_text(json.dumps(data, sort_keys=True, default=str))
             if result is not None:
                 Path(stem + ".onnx").write_bytes(result.SerializeToString())
+                save(result, stem + ".saved.onnx")  # bnfold's own writer, byte for byte
             if model.SerializeToString() != onnx.load(path).SerializeToString():
                 Path(stem + ".mutated").write_text("the input model was modified")
 
