@@ -20,7 +20,7 @@ from onnx import numpy_helper
 from bnfold.constants import computed_constant
 from bnfold.nodes import subgraphs
 
-MIN_OPSET = 7  # BN-6 and older (is_test, consumed_inputs) are not read or written
+MIN_OPSET = 7  # fold converts older models (BN-6: is_test, consumed_inputs) to it first
 
 # The float element types bnfold computes with, and their numpy types.
 FLOAT_TYPES = {
@@ -46,6 +46,15 @@ def free_names(graph: onnx.GraphProto) -> set[str]:
         defined.update(node.output)
     used.update(o.name for o in graph.output)
     return used - defined
+
+
+def defined_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a graph defines itself (its inputs, initializers, node outputs): inside it, they
+    shadow any outer value of the same name."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}
+    defined.update(o for node in graph.node for o in node.output if o)
+    return defined
 
 
 def all_names(model: onnx.ModelProto) -> set[str]:
@@ -94,15 +103,22 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, in
     Shapes map names to tuples of int | str | None; types map names to TensorProto element types.
 
     Runs on a skeleton of the model (large initializers without their data), so it costs no
-    memory for the weights and works for models over 2 GB.
+    memory for the weights and works for models over 2 GB. Shapes come from the graph inputs,
+    the initializers and the operators only: the model's `value_info` and the shapes declared
+    for its outputs are dropped first, since tools leave annotations there that no longer hold.
     """
     skeleton = onnx.ModelProto()
     skeleton.ir_version = model.ir_version
     skeleton.opset_import.extend(model.opset_import)
     skeleton.functions.extend(model.functions)
     g = skeleton.graph
-    for field_name in ("node", "input", "output", "value_info"):
+    for field_name in ("node", "input", "output"):
         getattr(g, field_name).extend(getattr(model.graph, field_name))
+    for output in g.output:
+        output.type.tensor_type.ClearField("shape")
+    for node in g.node:
+        for _, sub in subgraphs(node):
+            _drop_value_info(sub)
     g.name = model.graph.name
     initializers = model.graph.initializer
     if all(math.prod(t.dims) <= _SHAPE_DATA_LIMIT and not is_external(t) for t in initializers):
@@ -207,6 +223,13 @@ class _Deferred(dict):
     __hash__ = None
 
 
+def _drop_value_info(graph: onnx.GraphProto) -> None:
+    del graph.value_info[:]
+    for node in graph.node:
+        for _, sub in subgraphs(node):
+            _drop_value_info(sub)
+
+
 def is_external(t: onnx.TensorProto) -> bool:
     return t.data_location == onnx.TensorProto.EXTERNAL
 
@@ -265,6 +288,23 @@ class Scope:
     overridable: set[str] = field(default_factory=set)  # initializers a caller may override
     initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
     constant_nodes: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    # every name the graph defines (inputs, node outputs, initializers): a lookup from an inner
+    # graph stops here, since such a name shadows any outer one
+    defined: set[str] = field(default_factory=set)
+
+    def lookup(self, name: str) -> tuple[Scope, str] | None:
+        """The scope whose definition of `name` a reader in this scope sees, and its kind
+        ("initializer", "constant" or "computed"); None when no scope defines it."""
+        scope = self
+        while scope is not None:
+            if name in scope.initializers:
+                return scope, "initializer"
+            if name in scope.constant_nodes:
+                return scope, "constant"
+            if name in scope.defined:
+                return scope, "computed"
+            scope = scope.outer
+        return None
 
 
 class GraphView:
@@ -288,6 +328,7 @@ class GraphView:
         self.scope = Scope(graph, outer)
         self.scope.initializers = {t.name: t for t in graph.initializer}
         self.inputs = {i.name for i in graph.input}
+        self.scope.defined = self.inputs | set(self.scope.initializers)
         if not self.legacy_inputs and not allow_initializer_inputs:
             self.scope.overridable = self.inputs & set(self.scope.initializers)
         self.producer: dict[str, onnx.NodeProto] = {}
@@ -309,6 +350,7 @@ class GraphView:
         for o in outputs:
             if o:
                 self.producer[o] = node
+                self.scope.defined.add(o)
         used = [n for n in node.input if n]
         for _, sub in subgraphs(node):
             used += sorted(free_names(sub))
@@ -333,6 +375,8 @@ class GraphView:
         for o in outputs:
             if o and self.producer.get(o) is node:
                 del self.producer[o]
+                if o not in self.inputs and o not in self.scope.initializers:
+                    self.scope.defined.discard(o)
         if outputs and self.scope.constant_nodes.get(outputs[0]) is node:
             del self.scope.constant_nodes[outputs[0]]
 
@@ -404,6 +448,7 @@ class GraphView:
     def add_graph_input(self, value: onnx.ValueInfoProto) -> None:
         self.graph.input.append(value)
         self.inputs.add(value.name)
+        self.scope.defined.add(value.name)
 
     def refresh(self) -> None:
         """Apply the changes since the last refresh to the node list and to the index."""
@@ -422,6 +467,7 @@ class GraphView:
             self._index(node)
         for tensor in self._new_initializers:
             self.scope.initializers[tensor.name] = tensor
+            self.scope.defined.add(tensor.name)
         self._changed, self._removed, self._inserted, self._new_initializers = {}, {}, [], []
 
     def _sweep(self) -> None:
@@ -445,46 +491,31 @@ class GraphView:
         if node is not None and node.op_type != "Constant":  # computed from constants only?
             value = computed_constant(self, name)
             return value if value is not None else f"'{name}' is not constant"
-        scope = self.scope
-        while scope is not None:
-            if name in scope.initializers:
-                if name in scope.overridable:
-                    return (f"initializer '{name}' is also a graph input (a caller may override "
-                            f"it; allow with --allow-initializer-inputs)")
-                return tensor_value(scope.initializers[name], self.base_dir)
-            if name in scope.constant_nodes:
-                value = constant_node_value(scope.constant_nodes[name])
-                return value if value is not None else f"'{name}' is a sparse constant"
-            scope = scope.outer
-        return f"'{name}' is not constant"
+        found = self.scope.lookup(name)
+        if found is None or found[1] == "computed":  # a graph input, or a node's output
+            return f"'{name}' is not constant"
+        scope, kind = found
+        if kind == "initializer":
+            if name in scope.overridable:
+                return (f"initializer '{name}' is also a graph input (a caller may override "
+                        f"it; allow with --allow-initializer-inputs)")
+            return tensor_value(scope.initializers[name], self.base_dir)
+        value = constant_node_value(scope.constant_nodes[name])
+        return value if value is not None else f"'{name}' is a sparse constant"
 
     def constant_dtype(self, name: str) -> int | None:
         node = self.producer.get(name)
         if node is not None and node.op_type == "Identity":
             return self.constant_dtype(node.input[0])
-        scope = self.scope
-        while scope is not None:
-            if name in scope.initializers:
-                return scope.initializers[name].data_type
-            if name in scope.constant_nodes:
-                value = scope.constant_nodes[name]
-                for a in value.attribute:
-                    if a.name == "value":
-                        return a.t.data_type
-                return onnx.TensorProto.FLOAT
-            scope = scope.outer
+        found = self.scope.lookup(name)
+        if found is not None and found[1] == "initializer":
+            return found[0].initializers[name].data_type
+        if found is not None and found[1] == "constant":
+            for a in found[0].constant_nodes[name].attribute:
+                if a.name == "value":
+                    return a.t.data_type
+            return onnx.TensorProto.FLOAT
         return self.types.get(name)
-
-
-def defined_names(graph: onnx.GraphProto) -> set[str]:
-    """Names a (sub)graph defines itself: its inputs, initializers and node outputs. Inside it,
-    they hide the values of the same name in enclosing scopes."""
-    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    names |= {t.values.name for t in graph.sparse_initializer}
-    for node in graph.node:
-        names.update(node.output)
-    names.discard("")
-    return names
 
 
 def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
