@@ -30,6 +30,8 @@ FLOAT_TYPES = {
     onnx.TensorProto.BFLOAT16: ml_dtypes.bfloat16,
 }
 
+_GRAPH_ATTRIBUTES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+
 # Largest initializer (in elements) copied into the model used for shape inference.
 _SHAPE_DATA_LIMIT = 4096
 
@@ -352,8 +354,9 @@ class GraphView:
                 self.producer[o] = node
                 self.scope.defined.add(o)
         used = [n for n in node.input if n]
-        for _, sub in subgraphs(node):
-            used += sorted(free_names(sub))
+        if any(a.type in _GRAPH_ATTRIBUTES for a in node.attribute):
+            for _, sub in subgraphs(node):
+                used += sorted(free_names(sub))
         reads = tuple(dict.fromkeys(used))
         key = id(node)
         for name in reads:
@@ -474,11 +477,13 @@ class GraphView:
         """Remove and insert the nodes in one reordering of the node list: removing one node of
         a repeated protobuf field at a time costs as much as the field each time."""
         nodes = list(self.graph.node)  # (keeps every wrapper, and so every id, alive)
-        keys = {id(n): (0, i, 0) for i, n in enumerate(nodes)}
+        step = len(self._inserted) + 1  # position * step (+ order, for inserted nodes)
+        keys = dict(zip(map(id, nodes), range(0, len(nodes) * step, step)))
         for order, (node, after) in enumerate(self._inserted, 1):
-            keys[id(node)] = (0, keys[id(after)][1], order)
+            keys[id(node)] = keys[id(after)] - keys[id(after)] % step + order
+        gone = len(nodes) * step
         for key in self._removed:
-            keys[key] = (1,) + keys[key][1:]
+            keys[key] += gone
         self.graph.node.sort(key=lambda n: keys[id(n)])
         del self.graph.node[len(nodes) - len(self._removed):]
 
