@@ -31,7 +31,7 @@ from onnx import helper, numpy_helper
 from bnfold.dense import DENSE_OPS, Layer, find_layers
 from bnfold.errors import BadInput, VerificationFailed, one_line
 from bnfold.graph import (FLOAT_TYPES, MIN_OPSET, NameAllocator, default_opset, infer_shapes,
-                          rename_uses)
+                          rename_all)
 from bnfold.io import model_argument
 from bnfold.report import VerifyReport
 from bnfold.verify import verify
@@ -341,6 +341,7 @@ def _rewrite(model: onnx.ModelProto, layers: list[Layer], settings: _Settings
     producer_index = {o: i for i, node in enumerate(graph.node) for o in node.output if o}
     graph_outputs = {o.name for o in graph.output}
     chains: dict[int, list[onnx.NodeProto]] = {}
+    renames: dict[str, str] = {}  # a layer's output -> its BN's, for every other reader
     insertions = []
     shapes = infer_shapes(out)[0] if settings.axis is not None else {}
     for layer in layers:
@@ -360,9 +361,10 @@ def _rewrite(model: onnx.ModelProto, layers: list[Layer], settings: _Settings
             chains[index] = _chain(layer, insertion.input, anchor, insertion, names, settings, out)
         else:
             chains[index] = _chain(layer, anchor, None, insertion, names, settings, out)
-            rename_uses(graph, anchor, chains[index][-1].output[0])
+            renames[anchor] = chains[index][-1].output[0]
         insertion.output = chains[index][-1].output[0]
         insertions.append(insertion)
+    rename_all(graph, renames)  # (the new nodes are not in the graph yet)
     ordered = []
     for i, node in enumerate(graph.node):
         ordered.append(node)
