@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from bnfold.errors import BadInput, write_failure
+from bnfold.errors import BadInput, Stopped, write_failure
 from bnfold.graph import is_external
 from bnfold.paths import Target, identity, name_max, resolve, truncate
 from bnfold.serialize import write_model
@@ -458,7 +458,28 @@ def _signals_held() -> Iterator[None]:
         yield
         return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    _held.append(True)
     try:
         yield
     finally:
+        _held.pop()
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if not _held and _deferred:  # arrived through another thread meanwhile
+            signum = _deferred[0]
+            _deferred.clear()
+            raise Stopped(signum)
+
+
+# Blocking a signal in the main thread does not keep it from another thread (onnxruntime's):
+# there the C handler takes it and Python runs the handler in the main thread, within the block.
+_held: list[bool] = []
+_deferred: list[int] = []
+
+
+def defer_if_held(signum: int) -> bool:
+    """For a signal handler that raises `Stopped`: inside a held block, note the signal (it is
+    raised when the block ends) and say so."""
+    if _held:
+        _deferred.append(signum)
+        return True
+    return False

@@ -176,11 +176,15 @@ def test_sigterm_stops_the_workers_and_leaves_no_temporary_files(tmp_path):
     assert len(os.listdir(out)) < 40
 
 
-def test_a_signal_held_while_the_stage_folder_is_made_leaves_no_folder(tmp_path, monkeypatch):
+@pytest.mark.parametrize("via_process", [False, True], ids=["to-main-thread", "to-process"])
+@pytest.mark.parametrize("other_thread", [False, True], ids=["alone", "with-a-thread"])
+def test_a_signal_held_while_the_stage_folder_is_made_leaves_no_folder(tmp_path, monkeypatch,
+                                                                       via_process, other_thread):
     """Regression: SIGTERM held while a stage folder was made arrived when the hold ended, inside
     Stage's constructor, before `staged` could remove the folder (found by the test above)."""
     import signal
     import tempfile
+    import threading
 
     from bnfold import commit
     from bnfold.errors import Stopped
@@ -189,13 +193,19 @@ def test_a_signal_held_while_the_stage_folder_is_made_leaves_no_folder(tmp_path,
 
     def mkdtemp_then_signal(*args, **kwargs):
         folder = real_mkdtemp(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGTERM)  # held (blocked) until the folder is ready
+        # Held until the folder is ready: blocked in this thread, deferred when another thread
+        # (onnxruntime's) takes it.
+        (os.kill(os.getpid(), signal.SIGTERM) if via_process else
+         signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM))
         return folder
 
-    def stop(signum, frame):
-        raise Stopped(signum)
+    def stop(signum, frame):  # as bnfold's handlers do
+        if not commit.defer_if_held(signum):
+            raise Stopped(signum)
 
     monkeypatch.setattr(commit.tempfile, "mkdtemp", mkdtemp_then_signal)
+    if other_thread:  # a thread that does not block the signal, as onnxruntime's
+        threading.Thread(target=threading.Event().wait, args=(5,), daemon=True).start()
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         with pytest.raises(Stopped):

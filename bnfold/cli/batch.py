@@ -20,6 +20,7 @@ import time
 import click
 
 from bnfold.cli.common import Paths, RunInfo, write_json
+from bnfold.commit import defer_if_held
 from bnfold.errors import BadInput, BnfoldError, Stopped, one_line
 
 SEVERITY = (2, 1, 3, 0)  # the run's exit code: the first of these that a model had
@@ -207,6 +208,7 @@ def _worker_start() -> None:
         if not _worker["busy"]:
             os._exit(128 + signum)
         _worker["stopping"] = signum
-        raise Stopped(signum)
+        if not defer_if_held(signum):
+            raise Stopped(signum)
 
     signal.signal(signal.SIGTERM, stop)

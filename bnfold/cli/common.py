@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import click
 import onnx
 
-from bnfold.commit import data_file, write_file
+from bnfold.commit import data_file, defer_if_held, write_file
 from bnfold.errors import BadInput, BnfoldError, Stopped, VerificationFailed, one_line
 from bnfold.io import data_name, external_files, load, load_inputs
 from bnfold.paths import identity, resolve
@@ -91,7 +91,8 @@ def _signals_stop() -> Iterator[None]:
         return
 
     def stop(signum, frame):
-        raise Stopped(signum)
+        if not defer_if_held(signum):
+            raise Stopped(signum)
 
     previous = {}
     for signum, default in ((signal.SIGINT, signal.default_int_handler),
