@@ -219,7 +219,7 @@ def _chunks_of(data, specs: list[InputSpec]) -> tuple[Callable, str, bool]:
         path = os.fspath(data)
         if os.path.isdir(path):
             return _folder(path, specs), f"folder {path}", False
-        return _npz_file(path), path, False
+        return _npz_file(path, specs), path, False
     if isinstance(data, Mapping):
         chunks = lambda: iter([("the data", data)])
         chunks.samples = _first_axis(data, specs)
@@ -249,10 +249,10 @@ def _numbered(feeds: Iterable) -> Callable[[], Iterator[tuple[str, Mapping]]]:
     return chunks
 
 
-def _npz_file(path: str) -> Callable[[], Iterator[tuple[str, Mapping]]]:
-    _load_npz(path)  # its errors now, before any work
+def _npz_file(path: str, specs: list[InputSpec]) -> Callable[[], Iterator[tuple[str, Mapping]]]:
     def chunks():
         yield path, _load_npz(path)
+    chunks.samples = _first_axis(_load_npz(path), specs)  # and its errors now, before any work
     return chunks
 
 
