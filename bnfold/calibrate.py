@@ -278,8 +278,8 @@ class _Weights:
         self.values: dict[str, ort.OrtValue] = {}
         self._arrays: dict[str, np.ndarray] = {}  # keep the buffers the values point into
 
-    def fed(self, name: str) -> bool:
-        t = self.tensors[name]
+    @staticmethod
+    def fed(t: onnx.TensorProto) -> bool:
         size = int(np.prod(t.dims)) * 4  # an estimate is enough: large or not
         return is_external(t) or size > _FED_BYTES
 
@@ -325,7 +325,7 @@ def _ort_value(array: np.ndarray) -> ort.OrtValue:
 
 def _run_pass(model: onnx.ModelProto, group: list[_Target], method: str, batches: Batches,
               weights: _Weights, base_dir: str | None, tell: Callable[[int], None]) -> None:
-    inputs = {i.name for i in model.graph.input} - set(weights.tensors)
+    inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
     wanted = list(dict.fromkeys(t.x for t in group if t.x not in inputs))
     session, fed = (_session(model, wanted, group if method == "batch" else [], weights,
                              base_dir) if wanted else (None, []))
@@ -401,11 +401,13 @@ def _session(model: onnx.ModelProto, outputs: list[str], batch_mode: list[_Targe
               and not read.intersection(node.output[1:])):
             set_inference_mode(node)
     used = set(seen)
+    # BN statistics change between passes: always in the pass's model, never a shared value
+    statistics = {n for node in g.node if _is_bn(node) for n in node.input[3:5]}
     fed = []
     for t in graph.initializer:
         if t.name not in used:
             continue
-        if weights.fed(t.name):
+        if weights.fed(t) and t.name not in statistics:
             g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
             fed.append(t.name)
         else:
