@@ -515,3 +515,72 @@ def test_cli_model_without_bn_exits_2(tmp_path):
                                        str(tmp_path / "o.onnx")])
     assert result.exit_code == 2 and "no BatchNormalization" in result.output
     assert not (tmp_path / "o.onnx").exists()
+
+
+# --------------------------------------------------------------------------- re-estimation
+
+
+def test_re_estimation_after_pruning_restores_accuracy_of_a_torch_trained_cnn(tmp_path):
+    """A small CNN trained here in torch (seeded, one thread), exported in eval mode, then half
+    of every Conv weight zeroed at random: its stored statistics no longer describe its
+    activations. Measured on this machine: held-out accuracy 0.963 trained, 0.797 pruned with
+    stale statistics, 0.911 calibrated on 512 training samples (+0.114); asserted: a rise of at
+    least 0.08, and folding the calibrated model changes (almost) no prediction."""
+    import torch
+    from torch import nn
+
+    classes = 10
+    rng = np.random.default_rng(0)
+    templates = rng.normal(0, 1, (classes, 1, 8, 8))
+
+    def samples(n):
+        y = rng.integers(0, classes, n)
+        x = templates[y] * rng.uniform(0.5, 1.5, (n, 1, 1, 1)) + rng.normal(0, 1.5, (n, 1, 8, 8))
+        return (x + 0.5).astype(np.float32), y
+
+    x_train, y_train = samples(4096)
+    x_test, y_test = samples(1024)
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        net = nn.Sequential(*[layer for c_in in (1, 16, 16) for layer in (
+            nn.Conv2d(c_in, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())],
+            nn.Flatten(), nn.Linear(16 * 64, classes))
+        optimizer = torch.optim.Adam(net.parameters(), 3e-3)
+        x, y = torch.from_numpy(x_train), torch.from_numpy(y_train)
+        for _ in range(150):
+            batch = torch.randint(0, len(x), (64,))
+            loss = nn.functional.cross_entropy(net(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        net.eval()
+        path = tmp_path / "cnn.onnx"
+        torch.onnx.export(net, (x[:2],), str(path), dynamo=False, do_constant_folding=False,
+                          input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "batch"}})
+    finally:
+        torch.set_num_threads(threads)
+    trained = onnx.load(path)
+    assert len(_bns(trained)) == 3
+
+    def accuracy(model):
+        return float((run_ort(model, {"x": x_test})[0].argmax(axis=1) == y_test).mean())
+
+    pruned = _clone(trained)
+    mask_rng = np.random.default_rng(1)
+    for t in pruned.graph.initializer:
+        if len(t.dims) == 4:  # the Conv weights
+            w = numpy_helper.to_array(t).copy()
+            w[mask_rng.random(w.shape) < 0.5] = 0
+            t.CopyFrom(numpy_helper.from_array(w, t.name))
+    calibrated, report = bnfold.calibrate(pruned, {"x": x_train[:512]})
+    assert report.passes == 3
+    before, after = accuracy(pruned), accuracy(calibrated)
+    assert accuracy(trained) > 0.9
+    assert after >= before + 0.08, (before, after)
+    folded, _ = bnfold.fold(calibrated)
+    assert not _bns(folded)
+    predictions = lambda m: run_ort(m, {"x": x_test})[0].argmax(axis=1)
+    assert (predictions(folded) == predictions(calibrated)).mean() > 0.999
