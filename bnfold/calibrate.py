@@ -135,6 +135,7 @@ def calibrate(model: onnx.ModelProto, data, *, only=(), method: str = "exact",
         groups = [targets] if method == "batch" else [
             [t for t in targets if t.level == level] for level in range(levels)]
         passes = len(groups) if targets else 0
+        batches.reread = passes > 1  # a source read once is kept on disk only if needed
 
         def tell(samples: int) -> None:
             if progress is not None:
@@ -149,7 +150,7 @@ def calibrate(model: onnx.ModelProto, data, *, only=(), method: str = "exact",
                 _store(work, target, report)
         report.samples = batches.samples or 0
         report.passes = passes
-        report.levels = 1 if method == "batch" and targets else levels
+        report.levels = levels
         if batches.dropped:
             report.notes.append(f"the last {batches.dropped} samples were left out: the model's "
                                 f"fixed batch size is {size}")

@@ -97,6 +97,7 @@ class Batches:
         self.fixed = any(s.shape and s.shape[0] is not None for s in specs)
         self.samples: int | None = None
         self.dropped = 0
+        self.reread = True  # False: one pass only, a source read once needs no copy
         self._chunks, self.describe, self._once = _chunks_of(data, specs)
         self._spill: tempfile.TemporaryDirectory | None = None
         self._spilled: list[str] = []
@@ -120,7 +121,7 @@ class Batches:
             return
         if self._once and self.samples is not None:
             raise BadInput(f"{self.describe} can be read only once")
-        keep = self._once
+        keep = self._once and self.reread
         if keep:
             self._spill = tempfile.TemporaryDirectory(prefix="bnfold-calibrate-")
         count, index = 0, 0

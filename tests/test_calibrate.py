@@ -584,3 +584,21 @@ def test_re_estimation_after_pruning_restores_accuracy_of_a_torch_trained_cnn(tm
     assert not _bns(folded)
     predictions = lambda m: run_ort(m, {"x": x_test})[0].argmax(axis=1)
     assert (predictions(folded) == predictions(calibrated)).mean() > 0.999
+
+
+def test_readme_insert_calibrate_fold_workflow_runs(tmp_path, monkeypatch):
+    """The README's first calibrate workflow, on the seed MLP (its layer /MatMul_1 as dense_2)."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme.split("## What `bnfold calibrate` does")[1].split("\n## ")[0]
+    commands = [line.split() for line in section.splitlines() if line.startswith("      bnfold ")]
+    assert [c[1] for c in commands[:3]] == ["insert", "calibrate", "fold"]
+    monkeypatch.chdir(tmp_path)
+    onnx.save(onnx.load(SEED_MLP), "model.onnx")
+    np.savez("samples.npz", **seed_data())
+    for command in commands[:3]:
+        args = ["/MatMul_1" if a == "dense_2" else a for a in command[1:]]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, (command, result.output)
+    calibrated = onnx.load("model.bn.calibrated.onnx")
+    assert statistics(calibrated)["/MatMul_1/BatchNormalization"][1].min() != 1.0
+    assert not _bns(onnx.load("model.folded.onnx"))
