@@ -3,6 +3,11 @@
 Both sessions run with graph optimizations disabled: otherwise onnxruntime fuses Conv+BN in the
 reference too, and the check would compare bnfold's folding with onnxruntime's.
 
+The whole model is run on several draws of random inputs (`inputs.py`). A draw the reference
+cannot run is skipped; one the reference runs and the candidate cannot fails the check. When no
+draw runs at all, each rewritten region is cut out of both models and checked alone
+(`regions.py`); a region that cannot be run either means the check cannot be done: BadInput.
+
 An output passes when ``|a - b| <= atol + rtol * |b|`` everywhere, in float64, with ``b`` the
 reference. NaN against NaN and inf against inf of the same sign agree.
 """
@@ -16,11 +21,12 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BadInput
-from bnfold.report import VerifyReport
+from bnfold.report import OutputComparison, VerifyReport
 from bnfold.verify.compare import compare
-from bnfold.verify.inputs import (check_same_interface, describe_random, dim_sizes, given_feeds,
-                                  interface, random_feeds)
-from bnfold.verify.runtime import run_session, session
+from bnfold.verify.inputs import (CannotDraw, Draw, InputMaker, Value, check_same_interface,
+                                  given_feeds, interface, read_model)
+from bnfold.verify.regions import check_regions
+from bnfold.verify.runtime import RunFailed, load_session, run_session, session
 
 Model = onnx.ModelProto | str | os.PathLike
 
@@ -34,60 +40,177 @@ def verify(
     atol: float | None = None,
     rtol: float | None = None,
     seed: int = 0,
-    runs: int = 1,
+    runs: int = 2,
     base_dir: str | os.PathLike | None = None,
+    verbose: bool = False,
 ) -> VerifyReport:
     """Compare ``candidate`` with ``reference`` on the same inputs, output by output.
 
     ``inputs`` (an .npz path or a dict, cast to the declared types) replaces the random inputs,
-    which are drawn ``runs`` times with seeds ``seed, seed + 1, ...``; ``dims`` sizes their
-    symbolic dimensions. ``atol``/``rtol`` replace the defaults (by dtype, see ``compare.TOLERANCES``)
-    for every output. ``base_dir`` is where in-memory models keep their external data.
-    A mismatch gives a report that did not pass; models with different interfaces, inputs that
-    do not fit and onnxruntime errors raise BadInput.
+    which are drawn ``runs`` times with seeds ``seed, seed + 1, ...`` (draw 1: symbolic dims
+    fresh primes, floats standard normal; draw 2: dims 1, floats in 0..255; then again);
+    ``dims`` sizes their symbolic dimensions. ``atol``/``rtol`` replace the defaults (by dtype,
+    see ``compare.TOLERANCES``) for every output. ``base_dir`` is where in-memory models keep
+    their external data. ``verbose`` lets onnxruntime's own log lines through to stderr.
+
+    A mismatch, or a candidate that fails where the reference runs, gives a report that did not
+    pass. Models with different interfaces, inputs that do not fit, a reference onnxruntime
+    cannot load and a check that cannot be done raise BadInput.
     """
     if runs < 1:
         raise BadInput(f"runs must be at least 1, not {runs}")
     if (atol is not None and not atol >= 0) or (rtol is not None and not rtol >= 0):
         raise BadInput(f"tolerances must be non-negative (atol {atol}, rtol {rtol})")
-    ref, cand = interface(reference), interface(candidate)
+    result = check_runs(reference, candidate, ref_dir=base_dir, cand_dir=base_dir,
+                        inputs=inputs, dims=dims, atol=atol, rtol=rtol, seed=seed, runs=runs,
+                        verbose=verbose)
+    if isinstance(result, VerifyReport):
+        return result
+    return check_regions(reference, candidate, base_dir=base_dir, dims=dims, atol=atol,
+                         rtol=rtol, seed=seed, runs=runs, verbose=verbose, notes=result)
+
+
+def check_runs(reference: Model, candidate: Model, *, ref_dir, cand_dir, inputs, dims, atol,
+               rtol, seed: int, runs: int, verbose: bool,
+               role: str = "reference") -> VerifyReport | list[str]:
+    """Run both models on the draws and compare them: a report, or (when the reference runs on
+    no draw) the notes saying why."""
+    ref_model = read_model(reference)  # a model given by path is not held while sessions run
+    ref, cand = interface(ref_model), interface(candidate)
     check_same_interface(ref, cand)
     if inputs is None:
-        sizes = dim_sizes(ref.inputs, dims, avoid=ref.dims | cand.dims)
-        feed_sets = [random_feeds(ref.inputs, sizes, seed + i) for i in range(runs)]
-        described = describe_random(seed, runs, sizes)
+        maker = InputMaker(ref_model, ref, dims, ref.dims | cand.dims, seed)
     else:
-        feed_sets = [given_feeds(ref.inputs, inputs)]
-        described = (
+        given = (
             "given inputs" if isinstance(inputs, Mapping) else f"inputs from {os.fspath(inputs)}"
         )
-    ref_session = session(reference, base_dir, "reference")
-    cand_session = session(candidate, base_dir, "candidate")
-    results = [
-        (run_session(ref_session, feeds, f"the reference on {described}"),
-         run_session(cand_session, feeds, f"the candidate on {described}"))
-        for feeds in feed_sets
-    ]
-    outputs = [
-        compare(t.name, [(r[t.name], c[t.name]) for r, c in results], atol, rtol)
-        for t in ref.outputs
-    ]
-    return VerifyReport(outputs=outputs, inputs=described, runs=len(feed_sets))
+        feeds = given_feeds(ref.inputs, inputs)
+    del ref_model
+    # One session at a time: the reference on the draws (skipping those it cannot run), then
+    # the candidate on the draws the reference ran.
+    ref_session = session(reference, ref_dir, role, verbose=verbose)
+    draws, original, notes = [], [], []
+    # A skipped draw is made up for with the next ones, up to twice as many as asked.
+    for index in range(1 if inputs is not None else 2 * runs):
+        if len(draws) == runs:
+            break
+        if inputs is not None:
+            draw = Draw(feeds, given)
+        else:
+            try:
+                draw = maker.draw(index)
+            except CannotDraw as err:
+                notes.append(f"no random inputs: {err}")
+                break
+        try:
+            original.append(run_session(ref_session, draw.feeds))
+        except RunFailed as err:
+            if inputs is not None:
+                raise BadInput(f"onnxruntime failed to run the reference on {given}: "
+                               f"{err}") from None
+            notes.append(f"skipped a draw the reference cannot run ({draw.description}): {err}")
+            continue
+        draws.append(draw)
+    del ref_session
+    if not draws:
+        return notes
+    described = given if inputs is not None else (
+        f"random inputs ({'; '.join(d.description for d in draws)})")
+    try:
+        cand_session = load_session(candidate, cand_dir, verbose=verbose)
+    except RunFailed as err:
+        return VerifyReport(inputs=described, notes=notes, error=(
+            f"onnxruntime cannot load the candidate (it loads the reference): {err}"))
+    results = []
+    for draw in draws:
+        try:
+            results.append(run_session(cand_session, draw.feeds))
+        except RunFailed as err:
+            return VerifyReport(
+                inputs=draw.description, notes=notes, runs=len(results) + 1,
+                error=f"the candidate fails on inputs the reference runs on: {err}")
+    del cand_session
+    return VerifyReport(outputs=compare_outputs(ref.outputs, list(zip(original, results)),
+                                                atol, rtol),
+                        inputs=described, runs=len(draws), notes=notes)
+
+
+def compare_outputs(outputs: list[Value], results: list[tuple[dict, dict]],
+                    atol: float | None, rtol: float | None) -> list[OutputComparison]:
+    """One comparison per tensor output, over all draws; a sequence output is compared element
+    by element ("name[i]"), an optional one where both hold a value."""
+    comparisons = []
+    for out in outputs:
+        pairs: dict[str, list] = {}
+        mismatch = None
+        for r, c in results:
+            for key, a, b, why in _flatten(out.name, r[out.name], c[out.name]):
+                if why:
+                    mismatch = mismatch or (key, why)
+                else:
+                    pairs.setdefault(key, []).append((a, b))
+        if mismatch:
+            comparisons.append(_mismatch(mismatch[0], out.type, mismatch[1]))
+        comparisons += [compare(key, items, atol, rtol) for key, items in pairs.items()]
+    return comparisons
+
+
+def _flatten(name: str, a, b):
+    """(key, reference array, candidate array, mismatch) for every tensor in two outputs."""
+    if a is None or b is None:
+        if (a is None) != (b is None):
+            yield name, None, None, f"empty in the {'reference' if a is None else 'candidate'} only"
+        return
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        if not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple))) or len(a) != len(b):
+            yield name, None, None, (f"sequence of {_length(a)} in the reference, "
+                                     f"{_length(b)} in the candidate")
+            return
+        for i, (x, y) in enumerate(zip(a, b)):
+            yield from _flatten(f"{name}[{i}]", x, y)
+        return
+    if isinstance(a, dict) or isinstance(b, dict):
+        if not (isinstance(a, dict) and isinstance(b, dict)) or a.keys() != b.keys():
+            yield name, None, None, "maps with different keys"
+            return
+        for key in sorted(a):
+            yield from _flatten(f"{name}[{key!r}]", a[key], b[key])
+        return
+    yield name, np.asarray(a), np.asarray(b), None
+
+
+def _length(x) -> str:
+    return str(len(x)) if isinstance(x, (list, tuple)) else "no sequence"
+
+
+def _mismatch(name: str, type_text: str, note: str) -> OutputComparison:
+    inf = float("inf")
+    return OutputComparison(name=name, dtype=type_text, shape=[], max_abs=inf, max_rel=inf,
+                            atol=0.0, rtol=0.0, passed=False, needed_atol=inf, needed_rtol=inf,
+                            note=note)
 
 
 def random_inputs(
-    model: Model, *, dims: Mapping[str, int] | None = None, seed: int = 0
+    model: Model, *, dims: Mapping[str, int] | None = None, seed: int = 0, draw: int = 0
 ) -> dict[str, np.ndarray]:
-    """Seeded random inputs for ``model`` as ``verify`` draws them; ``dims`` sizes symbolic dims."""
+    """Random inputs for ``model`` as ``verify(seed=seed)`` makes them in its draw number ``draw``
+    (0, 1, ...); ``dims`` sizes symbolic dims."""
+    model = read_model(model)
     iface = interface(model)
-    return random_feeds(iface.inputs, dim_sizes(iface.inputs, dims, iface.dims), seed)
+    try:
+        return InputMaker(model, iface, dims, iface.dims, seed).draw(draw).feeds
+    except CannotDraw as err:
+        raise BadInput(f"cannot draw inputs: {err}") from None
 
 
 def run(
     model: Model, feeds: Mapping[str, np.ndarray], *, base_dir: str | os.PathLike | None = None
 ) -> dict[str, np.ndarray]:
     """Run ``model`` once in onnxruntime, graph optimizations disabled; outputs by name."""
-    return run_session(session(model, base_dir, "model"), feeds, "the model")
+    try:
+        return run_session(session(model, base_dir, "model"), feeds)
+    except RunFailed as err:
+        raise BadInput(f"onnxruntime failed to run the model: {err}") from None
 
 
 __all__ = ["random_inputs", "run", "verify"]
