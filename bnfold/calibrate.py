@@ -30,11 +30,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold.affine import cast_to, set_inference_mode, training_reason
@@ -45,15 +45,29 @@ from bnfold.nodes import attr, display_name, set_attr, subgraphs
 from bnfold.report import BnCalibration, CalibrateReport, summary
 from bnfold.wire import external
 
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
 METHODS = ("exact", "batch")
 
 # Initializers larger than this are fed to each pass as inputs sharing one buffer, not copied
 # into each pass's model.
 _FED_BYTES = 4096
 _EXTERNAL_DIR_KEY = "session.model_external_initializers_file_folder_path"
-_ORT_ERRORS = (RuntimeError, ValueError) + tuple(
-    v for v in vars(ort.capi.onnxruntime_pybind11_state).values()
-    if isinstance(v, type) and issubclass(v, Exception))
+
+
+def _ort():
+    """onnxruntime, imported when a pass runs (importing bnfold does not load it)."""
+    import onnxruntime
+
+    return onnxruntime
+
+
+def _ort_errors() -> tuple[type, ...]:
+    ort = _ort()
+    return (RuntimeError, ValueError) + tuple(
+        v for v in vars(ort.capi.onnxruntime_pybind11_state).values()
+        if isinstance(v, type) and issubclass(v, Exception))
 
 Progress = Callable[[int, int | None], None]  # (samples just processed, samples in all passes)
 
@@ -316,6 +330,7 @@ def _np_type(data_type: int):
 
 
 def _ort_value(array: np.ndarray) -> ort.OrtValue:
+    ort = _ort()
     if not array.flags.c_contiguous:
         array = np.ascontiguousarray(array)
     if array.dtype == ml_dtypes.bfloat16:
@@ -340,7 +355,7 @@ def _run_pass(model: onnx.ModelProto, group: list[_Target], method: str, batches
                     feeds[name] = _ort_value(batch[name])
             try:
                 results = session.run_with_ort_values(wanted, feeds)
-            except _ORT_ERRORS as err:
+            except _ort_errors() as err:
                 raise BadInput(f"onnxruntime failed on the data: {one_line(err)}") from None
             values.update(zip(wanted, (_to_numpy(r) for r in results)))
         for target in group:
@@ -416,6 +431,7 @@ def _session(model: onnx.ModelProto, outputs: list[str], batch_mode: list[_Targe
     initialized = {t.name for t in graph.initializer}
     g.input.extend(i for i in graph.input if i.name in used and i.name not in initialized)
     g.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
+    ort = _ort()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if base_dir:
@@ -423,7 +439,7 @@ def _session(model: onnx.ModelProto, outputs: list[str], batch_mode: list[_Targe
     try:
         session = ort.InferenceSession(pass_model.SerializeToString(), options,
                                        providers=["CPUExecutionProvider"])
-    except _ORT_ERRORS as err:
+    except _ort_errors() as err:
         raise BadInput(f"onnxruntime cannot load the model: {one_line(err)}") from None
     return session, fed
 

@@ -203,6 +203,8 @@ class FoldReport:
                 f"parameters {self.before.parameters} -> {self.after.parameters}"
             )
         lines += self.notes
+        if self.verification is not None:
+            lines.append(self.verification.to_text())
         return "\n".join(lines)
 
 
