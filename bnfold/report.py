@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 
 @dataclass
 class Decision:
@@ -203,4 +205,92 @@ class FoldReport:
         lines += self.notes
         if self.verification is not None:
             lines.append(self.verification.to_text())
+        return "\n".join(lines)
+
+
+def summary(values) -> dict[str, float]:
+    """The smallest, average and largest of a statistics tensor (float64)."""
+    array = np.asarray(values, dtype=np.float64)
+    if not array.size:
+        return {"min": 0.0, "mean": 0.0, "max": 0.0}
+    return {"min": float(array.min()), "mean": float(array.mean()), "max": float(array.max())}
+
+
+def _range(s: dict[str, float] | None) -> str:
+    return "?" if not s else f"{s['min']:.4g}..{s['max']:.4g} (avg {s['mean']:.4g})"
+
+
+@dataclass
+class BnCalibration:
+    """What `calibrate` did to one BatchNormalization."""
+
+    node: str
+    graph: str = "main"
+    action: str = "calibrated"  # or "skipped"
+    reason: str | None = None  # why skipped
+    level: int | None = None  # calibrated BNs on the longest path before it
+    pass_index: int | None = None  # the pass (1-based) that measured it
+    samples: int = 0  # values per channel measured: samples x spatial positions
+    old_mean: dict[str, float] | None = None  # min/mean/max over channels
+    new_mean: dict[str, float] | None = None
+    old_var: dict[str, float] | None = None
+    new_var: dict[str, float] | None = None
+    initializers: list[str] = field(default_factory=list)  # where the new statistics are
+    copied: list[str] = field(default_factory=list)  # "old -> new" when not updated in place
+    per_activation: bool = False  # opset < 9 spatial=0: statistics per activation
+    note: str | None = None
+
+    def describe(self) -> str:
+        where = "" if self.graph == "main" else f" [{self.graph}]"
+        if self.action != "calibrated":
+            return f"skipped     {self.node}{where}: {self.reason}"
+        text = (f"calibrated  {self.node} (level {self.level}, pass {self.pass_index}, "
+                f"{self.samples} values per channel): mean {_range(self.old_mean)} -> "
+                f"{_range(self.new_mean)}; var {_range(self.old_var)} -> {_range(self.new_var)}")
+        if self.copied:
+            text += f"; copied to new initializers ({', '.join(self.copied)})"
+        return text + (f" ({self.note})" if self.note else "")
+
+
+@dataclass
+class CalibrateReport:
+    """Everything `calibrate` did, for people (``to_text``) and pipelines (``to_dict``)."""
+
+    method: str = "exact"
+    data: str = ""  # where the samples came from
+    samples: int = 0  # samples read in one pass
+    batch_size: int = 0
+    passes: int = 0  # passes over the data
+    levels: int = 0
+    bns: list[BnCalibration] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def calibrated(self) -> list[BnCalibration]:
+        return [b for b in self.bns if b.action == "calibrated"]
+
+    @property
+    def skipped(self) -> list[BnCalibration]:
+        return [b for b in self.bns if b.action != "calibrated"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method, "data": self.data, "samples": self.samples,
+            "batch_size": self.batch_size, "passes": self.passes, "levels": self.levels,
+            "calibrated": len(self.calibrated), "skipped": len(self.skipped),
+            "bns": [{k: _json_number(v) if not isinstance(v, dict) else
+                     {kk: _json_number(vv) for kk, vv in v.items()}
+                     for k, v in asdict(b).items()} for b in self.bns],
+            "notes": list(self.notes),
+        }
+
+    def to_text(self) -> str:
+        lines = [b.describe() for b in self.bns]
+        method = ("exact: one pass per level" if self.method == "exact"
+                  else "batch: one pass, batch statistics averaged")
+        lines.append(f"{len(self.calibrated)} calibrated, {len(self.skipped)} skipped; "
+                     f"{self.samples} samples from {self.data} in batches of {self.batch_size}, "
+                     f"{self.passes} pass{'es' if self.passes != 1 else ''} over the data "
+                     f"({self.levels} level{'s' if self.levels != 1 else ''}; {method})")
+        lines += self.notes
         return "\n".join(lines)
