@@ -30,27 +30,50 @@ class Decision:
 
 @dataclass
 class OutputComparison:
-    """Agreement of one graph output between a reference and a candidate model."""
+    """Agreement of one graph output between the original (reference) and a candidate model.
+
+    max_abs/max_rel/needed_* compare the two models directly. ``criterion`` says what decided:
+    "exact" (integer, bool, string outputs), "close" (within ``bound`` = 8 ulps of the original),
+    "accuracy" (``e_cand`` <= ``bound`` = K * (``e_orig`` + ``allowance``) + 8 ulps, errors
+    against the float64 reference, for the worst draw), "tolerance" (the given atol/rtol),
+    "scaled tolerance" (no float64 reference: atol raised to what the original's own rounding
+    needs, ``e_orig`` its estimate) or "shape" (the shapes differ).
+    """
 
     name: str
     dtype: str
     shape: list[int]
     max_abs: float
     max_rel: float
-    atol: float
-    rtol: float
+    atol: float | None  # None when the accuracy criterion decided
+    rtol: float | None
     passed: bool
     # The smallest atol (with rtol as given) and the smallest rtol (with atol as given) that pass.
     needed_atol: float
     needed_rtol: float
     note: str | None = None  # e.g. "shape mismatch", "NaN in candidate only"
+    criterion: str = "tolerance"
+    e_orig: float | None = None  # max |original - float64 reference| (worst draw)
+    e_cand: float | None = None  # max |candidate - float64 reference|
+    allowance: float | None = None  # output movement from 1 ulp of the rewritten weights
+    bound: float | None = None  # what e_cand (accuracy) or max_abs (close) had to stay within
 
     def describe(self) -> str:
         verdict = "ok" if self.passed else "FAILED"
-        text = (
-            f"{self.name} ({self.dtype} {self.shape}): max abs {self.max_abs:.3g}, "
-            f"max rel {self.max_rel:.3g} (atol {self.atol:g}, rtol {self.rtol:g}) {verdict}"
-        )
+        text = f"{self.name} ({self.dtype} {self.shape}): max abs {self.max_abs:.3g}"
+        if self.criterion == "accuracy":
+            text += (f"; error vs float64: candidate {self.e_cand:.3g}, original "
+                     f"{self.e_orig:.3g}, bound {self.bound:.3g}")
+            if self.allowance:
+                text += f" (rounding allowance {self.allowance:.3g})"
+            text += f" {verdict}"
+        elif self.criterion == "close":
+            text += f" (within {self.bound:.3g}, 8 ulps) {verdict}"
+        else:
+            text += (f", max rel {self.max_rel:.3g} (atol {self.atol:g}, rtol {self.rtol:g})"
+                     f" {verdict}")
+            if self.criterion == "scaled tolerance":
+                text += f" [no float64 reference; original's rounding ~{self.e_orig:.3g}]"
         return text + (f" - {self.note}" if self.note else "")
 
 
@@ -61,6 +84,7 @@ class VerifyReport:
     outputs: list[OutputComparison] = field(default_factory=list)
     inputs: str = ""  # where the inputs came from: "random (seed 0, batch=3)" or a file name
     runs: int = 0  # how many input sets were compared
+    reference: str | None = None  # which float64 reference ran (or why none)
 
     @property
     def passed(self) -> bool:
@@ -72,12 +96,15 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "inputs": self.inputs, "runs": self.runs,
+                "reference": self.reference,
                 "outputs": [{k: _json_number(v) for k, v in asdict(o).items()}
                             for o in self.outputs]}
 
     def to_text(self) -> str:
         head = "verification passed" if self.passed else "verification FAILED"
         lines = [f"{head} on {self.inputs}"]
+        if self.reference:
+            lines.append(f"  reference: {self.reference}")
         lines += ["  " + o.describe() for o in self.outputs]
         return "\n".join(lines)
 

@@ -17,7 +17,9 @@ import onnx
 
 from bnfold.errors import BadInput
 from bnfold.report import VerifyReport
-from bnfold.verify.compare import compare
+from bnfold.verify.criterion import Sources, judge
+from bnfold.verify.perturb import rewritten, with_perturbed
+from bnfold.verify.reference import float64_runs
 from bnfold.verify.inputs import (check_same_interface, describe_random, dim_sizes, given_feeds,
                                   interface, random_feeds)
 from bnfold.verify.runtime import run_session, session
@@ -61,18 +63,50 @@ def verify(
         described = (
             "given inputs" if isinstance(inputs, Mapping) else f"inputs from {os.fspath(inputs)}"
         )
-    ref_session = session(reference, base_dir, "reference")
-    cand_session = session(candidate, base_dir, "candidate")
-    results = [
-        (run_session(ref_session, feeds, f"the reference on {described}"),
-         run_session(cand_session, feeds, f"the candidate on {described}"))
-        for feeds in feed_sets
-    ]
-    outputs = [
-        compare(t.name, [(r[t.name], c[t.name]) for r, c in results], atol, rtol)
-        for t in ref.outputs
-    ]
-    return VerifyReport(outputs=outputs, inputs=described, runs=len(feed_sets))
+    names = [t.name for t in ref.outputs]
+    original = _run_all(reference, base_dir, "reference", feed_sets, described)
+    results = _run_all(candidate, base_dir, "candidate", feed_sets, described)
+    outputs, reference_text = judge(
+        names, original, results, _sources(reference, candidate, base_dir, feed_sets, seed),
+        atol, rtol)
+    return VerifyReport(outputs=outputs, inputs=described, runs=len(feed_sets),
+                        reference=reference_text)
+
+
+def _run_all(model: Model, base_dir, role: str, feed_sets, described: str) -> list[dict]:
+    """``model``'s outputs on every draw; one session at a time, freed when done."""
+    runner = session(model, base_dir, role)
+    return [run_session(runner, feeds, f"the {role} on {described}") for feeds in feed_sets]
+
+
+def _sources(reference: Model, candidate: Model, base_dir, feed_sets, seed: int) -> Sources:
+    """The runs the criterion may need, built only when it asks."""
+    def proto(model: Model) -> tuple[onnx.ModelProto, str | None]:
+        if isinstance(model, onnx.ModelProto):
+            return model, None if base_dir is None else os.fspath(base_dir)
+        path = os.fspath(model)
+        return onnx.load(path, load_external_data=False), os.path.dirname(os.path.abspath(path))
+
+    def float64():
+        model, folder = proto(reference)
+        return float64_runs(model, folder, feed_sets)
+
+    def perturbed_candidate():
+        (original, _), (model, folder) = proto(reference), proto(candidate)
+        names = rewritten(original, model)
+        if not names:
+            return None
+        moved = with_perturbed(model, names, folder or "", seed)
+        return _run_all(moved, folder, "candidate with its new weights moved by one ulp",
+                        feed_sets, "the same inputs")
+
+    def perturbed_original():
+        model, folder = proto(reference)
+        moved = with_perturbed(model, None, folder or "", seed)
+        return _run_all(moved, folder, "reference with its weights moved by one ulp",
+                        feed_sets, "the same inputs")
+
+    return Sources(float64, perturbed_candidate, perturbed_original)
 
 
 def random_inputs(
