@@ -92,8 +92,8 @@ def _sources(reference: Model, candidate: Model, base_dir, feed_sets, seed: int)
         return float64_runs(model, folder, feed_sets)
 
     def perturbed_candidate():
-        (original, _), (model, folder) = proto(reference), proto(candidate)
-        names = rewritten(original, model)
+        (original, original_dir), (model, folder) = proto(reference), proto(candidate)
+        names = rewritten(original, original_dir or "", model, folder or "")
         if not names:
             return None
         moved = with_perturbed(model, names, folder or "", seed)

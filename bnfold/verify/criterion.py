@@ -115,8 +115,8 @@ def _accuracy(name, original, candidate, reference, sources) -> OutputComparison
         a64, b64 = a.astype(np.float64), b.astype(np.float64)
         usable = np.isfinite(a64) & np.isfinite(b64)
         r = np.where(np.isfinite(r), r, a64)  # where float64 overflows, judge against orig
-        e_orig = _max(np.abs(a64 - r)[usable])
-        e_cand = _max(np.abs(b64 - r)[usable])
+        e_orig = _max(np.abs(a64[usable] - r[usable]))
+        e_cand = _max(np.abs(b64[usable] - r[usable]))
         draws.append([e_orig, e_cand, 0.0, _slack(r, a.dtype)])
     if not _holds(draws, k):
         moved = sources.get("perturbed_candidate")
@@ -182,7 +182,7 @@ def _with(result: OutputComparison, criterion: str, **fields) -> OutputCompariso
 def _movement(before: np.ndarray, after: np.ndarray) -> float:
     a, b = before.astype(np.float64), np.asarray(after).astype(np.float64)
     usable = np.isfinite(a) & np.isfinite(b)
-    return _max(np.abs(a - b)[usable])
+    return _max(np.abs(a[usable] - b[usable]))
 
 
 def _max(values: np.ndarray) -> float:

@@ -25,23 +25,27 @@ def perturbed(array: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.where(np.isfinite(a), np.clip(moved, -limit, limit), a).astype(dtype)
 
 
-def rewritten(original: onnx.ModelProto, candidate: onnx.ModelProto) -> set[str]:
-    """The float initializers of ``candidate`` that ``original`` does not have as they are."""
+def rewritten(original: onnx.ModelProto, original_dir: str, candidate: onnx.ModelProto,
+              candidate_dir: str) -> set[str]:
+    """The float initializers of ``candidate`` that ``original`` does not have as they are
+    (new names, or a fold's new weight under its old name). External tensors are read one pair
+    at a time to compare them."""
     known = {t.name: t for g in graphs(original.graph) for t in g.initializer}
     names = set()
     for g in graphs(candidate.graph):
         for t in g.initializer:
-            if t.data_type in FLOAT_TYPES and not _same(known.get(t.name), t):
+            if t.data_type in FLOAT_TYPES and not _same(known.get(t.name), original_dir, t,
+                                                        candidate_dir):
                 names.add(t.name)
     return names
 
 
-def _same(a: onnx.TensorProto | None, b: onnx.TensorProto) -> bool:
+def _same(a: onnx.TensorProto | None, a_dir: str, b: onnx.TensorProto, b_dir: str) -> bool:
     if a is None or a.data_type != b.data_type or list(a.dims) != list(b.dims):
         return False
-    if is_external(a) or is_external(b):  # a fold keeps the tensors it leaves as they were
-        return is_external(a) and is_external(b)
-    return a.SerializeToString() == b.SerializeToString()
+    if not is_external(a) and not is_external(b):
+        return a.SerializeToString() == b.SerializeToString()
+    return np.array_equal(tensor_value(a, a_dir), tensor_value(b, b_dir), equal_nan=True)
 
 
 def with_perturbed(model: onnx.ModelProto, names: set[str] | None, base_dir: str,
