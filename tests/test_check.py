@@ -21,6 +21,7 @@ from bnfold.verify import random_inputs, run, verify
 from bnfold.verify.criterion import Unavailable
 from bnfold.verify.perturb import perturbed
 from bnfold.verify.reference import widen
+from bnfold.verify.runtime import run_session, session
 
 verify_module = importlib.import_module("bnfold.verify")
 F, D = TensorProto.FLOAT, TensorProto.DOUBLE
@@ -40,7 +41,7 @@ def _model(nodes, inputs, outputs, inits=None, opset=17, elem=F):
 def _float64_outputs(model, feeds):
     ref = widen(model, None)
     wide = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in feeds.items()}
-    return run(ref.model, wide), ref
+    return run_session(session(ref.model, None, "reference", ref.arrays), wide, "it"), ref
 
 
 # --- the reference: rewrites agree with onnxruntime's float32 operators -------------------------

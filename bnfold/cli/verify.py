@@ -17,10 +17,12 @@ from bnfold.verify import verify
 def verify_command(reference: str, candidate: str, inputs: str | None, dims: tuple[str, ...],
                    atol: float | None, rtol: float | None, seed: int, json_path: str | None,
                    quiet: bool) -> None:
-    """Check that models A and B compute the same outputs.
+    """Check that model B computes what model A computes, as accurately.
 
-    Both run in onnxruntime, unoptimised, on the same inputs. Exit code 0 if every output
-    agrees, 1 if not.
+    Both run in onnxruntime, unoptimised, on the same inputs. An output passes when B is within
+    8 ulps of A, or when B's error against A evaluated in float64 is at most 4 times A's own
+    (8 for float16/bfloat16), plus 8 ulps; --atol/--rtol replace this by a plain tolerance.
+    Exit code 0 if every output passes, 1 if not.
     """
     sizes = parse_dims(dims)
     progress = progress_reporter(quiet)

@@ -27,6 +27,7 @@ from bnfold.nodes import attr, subgraphs
 DOUBLE = TensorProto.DOUBLE
 NARROW = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}  # widened to DOUBLE
 _INT64_MAX = 2**63 - 1
+_PLACEHOLDER_BYTES = 1024
 _DTYPE_ATTRS = {"EyeLike": "dtype", "RandomNormal": "dtype", "RandomUniform": "dtype",
                 "RandomNormalLike": "dtype", "RandomUniformLike": "dtype", "Bernoulli": "dtype",
                 "Cast": "to"}
@@ -38,6 +39,9 @@ class Reference:
     """The widened model and what had to be done to run it in float64."""
 
     model: onnx.ModelProto
+    # The main graph's large widened initializers: in the model as placeholders (external data
+    # at no location), their values handed to onnxruntime as they are, never serialised.
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
     rewritten: Counter = field(default_factory=Counter)  # op type -> nodes rewritten in float64
     islands: Counter = field(default_factory=Counter)  # op type -> nodes left in their type
 
@@ -93,7 +97,7 @@ class _Widener:
         new = onnx.GraphProto()
         new.name, new.doc_string = g.name, g.doc_string
         for t in g.initializer:
-            new.initializer.append(self.tensor(t))
+            new.initializer.append(self.tensor(t, placeholder=top))
         new.sparse_initializer.extend(g.sparse_initializer)
         for vi in g.input:
             new.input.append(_widened_info(vi))
@@ -108,11 +112,19 @@ class _Widener:
         self.nodes = saved
         return new
 
-    def tensor(self, t: onnx.TensorProto) -> onnx.TensorProto:
+    def tensor(self, t: onnx.TensorProto, placeholder: bool = False) -> onnx.TensorProto:
         if t.data_type not in NARROW:
             return t
         array = tensor_value(t, self.base_dir).astype(np.float64)
-        return numpy_helper.from_array(array, t.name)
+        if not placeholder or array.nbytes < _PLACEHOLDER_BYTES:
+            return numpy_helper.from_array(array, t.name)
+        self.ref.arrays[t.name] = array
+        header = TensorProto(name=t.name, data_type=DOUBLE, dims=t.dims,
+                             data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", "bnfold-float64-reference"), ("offset", "0"),
+                           ("length", str(array.nbytes))):
+            header.external_data.add(key=key, value=value)
+        return header
 
     # -- nodes -------------------------------------------------------------------------------
 
@@ -386,8 +398,7 @@ def float64_runs(model: onnx.ModelProto, base_dir: str | None,
     except Exception as err:  # a model onnx itself cannot follow: no reference, say why
         raise Unavailable(f"cannot widen the model: {one_line(err)}") from None
     try:
-        runner = session(ref.model, base_dir, "float64 reference")
-        del ref.model
+        runner = session(ref.model, base_dir, "float64 reference", ref.arrays)
         runs = [run_session(runner, {k: _wide(v) for k, v in feeds.items()},
                             "the float64 reference") for feeds in feed_sets]
     except BadInput as err:

@@ -27,12 +27,18 @@ _ORT_ERRORS = (RuntimeError, ValueError) + tuple(  # onnxruntime's errors derive
 )
 
 
-def session(model: Model, base_dir: str | os.PathLike | None, role: str) -> ort.InferenceSession:
+def session(model: Model, base_dir: str | os.PathLike | None, role: str,
+            initializers: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
+    """A session of ``model``; ``initializers`` (name -> array, kept alive by the caller) give
+    the values of the model's placeholder tensors without copying them into its bytes."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    given = dict(initializers or {})
+    if given:
+        options.add_external_initializers(list(given), [_ort_value(a) for a in given.values()])
     try:
         if isinstance(model, onnx.ModelProto):
-            return _session_from_proto(model, base_dir, options, role)
+            return _session_from_proto(model, base_dir, options, role, set(given))
         # By path, onnxruntime finds external data itself, however large the model.
         return ort.InferenceSession(os.fspath(model), options, providers=_PROVIDERS)
     except (*_ORT_ERRORS, OSError) as err:
@@ -44,8 +50,10 @@ def _session_from_proto(
     base_dir: str | os.PathLike | None,
     options: ort.SessionOptions,
     role: str,
+    given: set[str] = frozenset(),
 ) -> ort.InferenceSession:
-    external = any(t.data_location == TensorProto.EXTERNAL for t in tensors(model))
+    external = any(t.data_location == TensorProto.EXTERNAL and t.name not in given
+                   for t in tensors(model))
     if external and base_dir is None:
         raise BadInput(f"the {role} keeps tensors in external data files: base_dir is needed")
     if model.ByteSize() <= _PROTOBUF_LIMIT:
