@@ -3,8 +3,10 @@
 Both sessions run with graph optimizations disabled: otherwise onnxruntime fuses Conv+BN in the
 reference too, and the check would compare bnfold's folding with onnxruntime's.
 
-An output passes when ``|a - b| <= atol + rtol * |b|`` everywhere, in float64, with ``b`` the
-reference. NaN against NaN and inf against inf of the same sign agree.
+Whether an output passes is criterion.py's: within 8 ulps of the reference model, or as
+accurate as it against its float64 evaluation (reference.py); with atol/rtol given,
+``|a - b| <= atol + rtol * |b|`` (compare.py). NaN against NaN and inf against inf of the same
+sign agree. One session at a time: each model runs on every draw, then is freed.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ def verify(
 
     ``inputs`` (an .npz path or a dict, cast to the declared types) replaces the random inputs,
     which are drawn ``runs`` times with seeds ``seed, seed + 1, ...``; ``dims`` sizes their
-    symbolic dimensions. ``atol``/``rtol`` replace the defaults (by dtype, see ``compare.TOLERANCES``)
-    for every output. ``base_dir`` is where in-memory models keep their external data.
+    symbolic dimensions. ``atol``/``rtol`` replace the default criterion by the tolerance test
+    (the one not given: by dtype, see ``compare.TOLERANCES``) for every output. ``base_dir`` is where in-memory models keep their external data.
     A mismatch gives a report that did not pass; models with different interfaces, inputs that
     do not fit and onnxruntime errors raise BadInput.
     """
