@@ -57,6 +57,7 @@ class OutputComparison:
     e_cand: float | None = None  # max |candidate - float64 reference|
     allowance: float | None = None  # output movement from 1 ulp of the rewritten weights
     bound: float | None = None  # what e_cand (accuracy) or max_abs (close) had to stay within
+    worst: str | None = None  # where the accuracy figures are from: "draw 2, channel 3 (axis 1)"
 
     def describe(self) -> str:
         verdict = "ok" if self.passed else "FAILED"
@@ -66,6 +67,8 @@ class OutputComparison:
                      f"{self.e_orig:.3g}, bound {self.bound:.3g}")
             if self.allowance:
                 text += f" (rounding allowance {self.allowance:.3g})"
+            if not self.passed and self.worst:
+                text += f" at {self.worst}"
             text += f" {verdict}"
         elif self.criterion == "close":
             text += f" (within {self.bound:.3g}, 8 ulps) {verdict}"

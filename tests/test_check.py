@@ -233,7 +233,8 @@ def test_a_small_channel_is_judged_on_its_own():
     w = numpy_helper.to_array(_folded_weight(folded)).astype(np.float64)
     w[0] *= 1 + 1e-3  # far below the other channels' rounding, far above channel 0's
     [out] = verify(model, _with_weight(folded, w)).outputs
-    assert not out.passed and out.note.startswith("channel 0 (axis 1)"), out.describe()
+    assert not out.passed and out.worst.endswith("channel 0 (axis 1)"), out.describe()
+    assert "channel 0 (axis 1) FAILED" in out.describe()
 
 
 def test_bit_close_candidates_need_no_reference(monkeypatch):

@@ -211,11 +211,10 @@ def _outcome(name, pairs, criterion, *, passed=None, draws=None, k=None) -> Outp
             worst = (float(ratios[g]), d, g)
     _, d, g = worst
     e_orig, e_cand, allowance, slack = (float(v[g]) for v in draws[d])
-    passed = _holds(draws, k) and result.note is None
-    if not passed and g > 0 and result.note is None:
-        result.note = f"channel {g - 1} (axis 1) of draw {d + 1}"
-    return _with(result, criterion, passed=passed, e_orig=e_orig, e_cand=e_cand,
-                 allowance=allowance, bound=k * (e_orig + allowance) + slack)
+    result.worst = f"draw {d + 1}" + (f", channel {g - 1} (axis 1)" if g > 0 else "")
+    return _with(result, criterion, passed=_holds(draws, k) and result.note is None,
+                 e_orig=e_orig, e_cand=e_cand, allowance=allowance,
+                 bound=k * (e_orig + allowance) + slack)
 
 
 def _with(result: OutputComparison, criterion: str, **fields) -> OutputComparison:
