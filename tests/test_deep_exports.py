@@ -27,7 +27,9 @@ ARCHITECTURES = {
     "resnet50": lambda: torch_models.resnet50(base=16, classes=10),
     "efficientnet_b0": lambda: torch_models.efficientnet_b0(scale=0.5, classes=10),
 }
-CASES = [(a, e) for a in ARCHITECTURES for e in torch_models.EXPORTERS]
+# The dynamo export of the EfficientNet takes ~7 s more: with the slow tests (-m slow).
+CASES = [pytest.param(a, e, marks=[pytest.mark.slow] if (a, e) == ("efficientnet_b0", "dynamo")
+                      else []) for a in ARCHITECTURES for e in torch_models.EXPORTERS]
 
 
 @pytest.fixture(scope="module")
