@@ -18,6 +18,8 @@ from onnx import helper
 from bnfold.graph import FLOAT_TYPES, GraphView
 from bnfold.nodes import attr, display_name
 
+DEFAULT_EPSILON = np.float32(1e-5)  # BatchNormalization's epsilon is a float32 attribute
+
 @dataclass
 class Affine:
     """A per-channel map y = scale * x + shift on axis 1, and the nodes that compute it."""
@@ -75,21 +77,41 @@ def bn_affine(view: GraphView, node: onnx.NodeProto) -> Affine | str:
         value = view.constant(name)
         if isinstance(value, str):
             return f"BN parameter '{role}' is not constant: {value}"
-        values.append(np.asarray(value, dtype=np.float64).reshape(-1))
-    gamma, beta, mean, var = values
+        values.append(np.asarray(value))
+    stored_var = values[3].reshape(-1)
+    gamma, beta, mean, var = (v.astype(np.float64).reshape(-1) for v in values)
     if len({v.size for v in values}) != 1:
         return "BN parameters have different lengths"
-    eps = float(attr(node, "epsilon", 1e-5))
-    denom = var + eps
-    if np.any(~(denom > 0)):
-        channel = int(np.flatnonzero(~(denom > 0))[0])
+    # epsilon is a float32 attribute (its default too), and onnxruntime adds it to var in
+    # float32 (float64 for double models): var = -1e-5f gives 0 there, not 1e-5 - 1e-5f.
+    eps = np.float32(attr(node, "epsilon", DEFAULT_EPSILON))
+    runtime = np.float64 if stored_var.dtype == np.float64 else np.float32
+    with np.errstate(all="ignore"):
+        positive = stored_var.astype(runtime) + runtime(eps) > 0
+    if not np.all(positive):
+        channel = int(np.flatnonzero(~positive)[0])
         return f"var + eps <= 0 on channel {channel}"
+    denom = var + np.float64(eps)
     scale = gamma / np.sqrt(denom)
     shift = beta - mean * scale
     if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
         return "folded scale or shift is not finite"
     return Affine(display_name(node), node.input[0], node.output[0], scale, shift, [node],
                   params=list(node.input[1:5]))
+
+
+def range_reason(data_type: int | None, scale: np.ndarray, layer: str) -> str | None:
+    """Why a backward fold whose shift is added by a separate node is unsafe in `data_type`:
+    the layer's output, an fp16 tensor, becomes s*(Wx) before t is added, up to max|s| times
+    what the original held (the BN itself computes in float32), so it can overflow where the
+    original does not. Conv and Gemm add their own bias in float32: no such tensor there."""
+    if data_type != onnx.TensorProto.FLOAT16:
+        return None
+    growth = float(np.max(np.abs(scale))) if scale.size else 0.0
+    if growth <= 1.0:
+        return None
+    return (f"float16: {layer}'s output would be scaled by up to {growth:.4g} before the shift "
+            f"is added, which can overflow where the original does not")
 
 
 def cast_to(values: np.ndarray, data_type: int) -> np.ndarray | str:

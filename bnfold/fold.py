@@ -12,7 +12,7 @@ import onnx
 from onnx import helper
 
 from bnfold.affine import Affine, bn_affine, cast_to, set_inference_mode, training_reason
-from bnfold.errors import BadInput
+from bnfold.errors import BadInput, one_line
 from bnfold.graph import (MIN_OPSET, GraphView, NameAllocator, Scope, default_opset, infer_shapes,
                           is_external, remove_where)
 from bnfold.nodes import attr, display_name, graphs, subgraphs
@@ -33,27 +33,125 @@ def fold(model: onnx.ModelProto, *, base_dir: str | None = None,
     """Fold every batch norm of `model` that can be folded exactly; keep the others, with reasons.
 
     Returns the folded model and a `FoldReport`. `model` is left untouched unless `inplace`.
+    When nothing is folded or lowered (`report.changed` is False), the model is returned
+    exactly as it was, with a "nothing to fold" note. Models of opset 1..6 with batch norms
+    are converted to opset 7 first (`report.upgraded_from`).
     `base_dir` is the directory external data is read from, for models loaded without it.
     `spill`: write new weights to a scratch file (removed at exit) instead of memory, for
     `bnfold.save` to stream; the default spills for models whose weights are on disk.
     """
+    original, report = model, FoldReport(before=model_stats(model))
     opset = default_opset(model)
     if opset < MIN_OPSET:
-        raise BadInput(f"unsupported opset {opset} (bnfold supports {MIN_OPSET} and newer)")
-    if not inplace:
+        upgraded = _upgrade(model, opset, report)
+        if upgraded is None:
+            return _unchanged(original, inplace, report)
+        model, report.upgraded_from = upgraded, opset
+    elif not inplace:
         model = _copy(model)
-    report = FoldReport(before=model_stats(model))
+    switched = 0
     if training_to_inference:
-        dropped = _to_inference_mode(model)
+        switched, dropped = _to_inference_mode(model)
         if dropped:
             report.notes.append(f"training mode -> inference mode: dropped the running-statistics "
                                 f"outputs {', '.join(dropped)}")
     run = _FoldRun(model, base_dir, allow_initializer_inputs, lower_standalone, spill, report)
+    # No-op Casts go only if something folds: a model with nothing to fold stays as it was.
+    before_casts = _snapshot(model)
     report.removed_casts = remove_noop_casts(model, run.types)
     run.fold_graph(model.graph, None, "main")
+    report.changed = bool(report.folded or report.lowered or switched)
+    if not report.changed:
+        upgraded, report.removed_casts, report.upgraded_from = report.upgraded_from, 0, None
+        if upgraded is not None:  # the input as it was, not its conversion
+            return _unchanged(original, inplace, report)
+        _restore(model, before_casts)  # `model` is the input, or already a copy of it
+        return _unchanged(model, True, report)
     run.collect_garbage()
     report.after = model_stats(model)
     return model, report
+
+
+def upgrade(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` converted to opset 7 by onnx's version converter when its opset is older (what
+    `fold` folds, and what onnxruntime can run: it has no BatchNormalization-6 kernel); else
+    `model` itself. Raises BadInput when the converter fails."""
+    opset = default_opset(model)
+    if opset >= MIN_OPSET:
+        return model
+    try:
+        return onnx.version_converter.convert_version(model, MIN_OPSET)
+    except Exception as err:  # the converter raises RuntimeError and its own ConvertError
+        raise BadInput(f"cannot convert opset {opset} to {MIN_OPSET}: {one_line(err)}") from None
+
+
+def _upgrade(model: onnx.ModelProto, opset: int, report: FoldReport) -> onnx.ModelProto | None:
+    """The opset-7 conversion of an opset 1..6 model with batch norms to fold; None (and the
+    reasons in `report`) when there is none to fold or the conversion fails."""
+    batch_norms = [(path, node) for path, graph in _graph_paths(model.graph, "main")
+                   for node in graph.node if _is_bn(node)]
+
+    def keep_all(reason_of) -> None:
+        for path, node in batch_norms:
+            report.decisions.append(Decision(node=display_name(node), action="kept",
+                                             reason=reason_of(node), graph=path))
+
+    if not batch_norms:
+        return None
+    if all(not attr(node, "is_test", 0) for _, node in batch_norms):
+        keep_all(lambda node: f"BN in training mode (opset {opset}, is_test=0)")
+        return None
+    try:
+        return upgrade(model)
+    except BadInput as err:
+        keep_all(lambda node: f"opset {opset}: {err}")
+        return None
+
+
+def _unchanged(model: onnx.ModelProto, inplace: bool, report: FoldReport
+               ) -> tuple[onnx.ModelProto, FoldReport]:
+    """`model` as it was (a copy unless `inplace`), with the note saying why."""
+    report.changed, report.after = False, report.before
+    if not report.decisions:
+        why = "no batch norm in the model"
+    elif any(d.action == "kept" for d in report.decisions):
+        why = "every batch norm kept"
+    else:
+        why = "no batch norm folded"
+    report.notes.append(f"nothing to fold: {why}")
+    return (model if inplace else _copy(model)), report
+
+
+def _snapshot(model: onnx.ModelProto) -> tuple[list, list] | None:
+    """The main graph's nodes and value_info (subgraphs are inside the nodes), when it has a
+    Cast anywhere that `remove_noop_casts` may remove; `_restore` puts them back."""
+    if not any(n.op_type == "Cast" for g in graphs(model.graph) for n in g.node):
+        return None
+    copies = []
+    for field_name in ("node", "value_info"):
+        items = []
+        for item in getattr(model.graph, field_name):
+            copy = type(item)()
+            copy.CopyFrom(item)
+            items.append(copy)
+        copies.append(items)
+    return copies[0], copies[1]
+
+
+def _restore(model: onnx.ModelProto, snapshot: tuple[list, list] | None) -> None:
+    if snapshot is None:
+        return
+    for field_name, items in zip(("node", "value_info"), snapshot):
+        del getattr(model.graph, field_name)[:]
+        getattr(model.graph, field_name).extend(items)
+
+
+def _graph_paths(graph: onnx.GraphProto, path: str):
+    """(path, graph) for `graph` and its subgraphs, paths as in the report's decisions."""
+    yield path, graph
+    for node in graph.node:
+        for attr_name, sub in subgraphs(node):
+            yield from _graph_paths(sub, f"{path}/{display_name(node)}:{attr_name}")
 
 
 def to_inference_mode(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -119,7 +217,7 @@ def _used_names(model: onnx.ModelProto) -> set[str]:
     return used
 
 
-def _to_inference_mode(model: onnx.ModelProto) -> list[str]:
+def _to_inference_mode(model: onnx.ModelProto) -> tuple[int, list[str]]:
     """Set training-mode BNs to inference mode where no node reads their running statistics.
 
     Statistics that are main-graph outputs (`bnfold insert --training` writes them so) go with
@@ -135,6 +233,7 @@ def _to_inference_mode(model: onnx.ModelProto) -> list[str]:
             read.update(o.name for o in graph.output)
     outputs = {o.name for o in main.output}
     dropped: list[str] = []
+    switched = 0
     for graph in graphs(main):
         for node in graph.node:
             statistics = [o for o in node.output[1:] if o]
@@ -143,10 +242,11 @@ def _to_inference_mode(model: onnx.ModelProto) -> list[str]:
                     and not read.intersection(statistics)):
                 dropped += [o for o in statistics if o in outputs]
                 set_inference_mode(node)
+                switched += 1
     gone = set(dropped)
     remove_where(main.output, lambda o: o.name in gone)
     remove_where(main.value_info, lambda v: v.name in gone)
-    return dropped
+    return switched, dropped
 
 
 class _FoldRun:

@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from bnfold.constants import computed_constant
 from bnfold.nodes import subgraphs
 
-MIN_OPSET = 7  # BN-6 and older (is_test, consumed_inputs) are not read or written
+MIN_OPSET = 7  # fold converts older models (BN-6: is_test, consumed_inputs) to it first
 
 # The float element types bnfold computes with, and their numpy types.
 FLOAT_TYPES = {
@@ -44,6 +44,15 @@ def free_names(graph: onnx.GraphProto) -> set[str]:
         defined.update(node.output)
     used.update(o.name for o in graph.output)
     return used - defined
+
+
+def defined_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a graph defines itself (its inputs, initializers, node outputs): inside it, they
+    shadow any outer value of the same name."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.values.name for t in graph.sparse_initializer}
+    defined.update(o for node in graph.node for o in node.output if o)
+    return defined
 
 
 def all_names(model: onnx.ModelProto) -> set[str]:
@@ -92,15 +101,22 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, in
     Shapes map names to tuples of int | str | None; types map names to TensorProto element types.
 
     Runs on a skeleton of the model (large initializers without their data), so it costs no
-    memory for the weights and works for models over 2 GB.
+    memory for the weights and works for models over 2 GB. Shapes come from the graph inputs,
+    the initializers and the operators only: the model's `value_info` and the shapes declared
+    for its outputs are dropped first, since tools leave annotations there that no longer hold.
     """
     skeleton = onnx.ModelProto()
     skeleton.ir_version = model.ir_version
     skeleton.opset_import.extend(model.opset_import)
     skeleton.functions.extend(model.functions)
     g = skeleton.graph
-    for field_name in ("node", "input", "output", "value_info"):
+    for field_name in ("node", "input", "output"):
         getattr(g, field_name).extend(getattr(model.graph, field_name))
+    for output in g.output:
+        output.type.tensor_type.ClearField("shape")
+    for node in g.node:
+        for _, sub in subgraphs(node):
+            _drop_value_info(sub)
     g.name = model.graph.name
     for t in model.graph.initializer:
         light = g.initializer.add()
@@ -144,6 +160,13 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, in
 
     visit(inferred.graph)
     return shapes, types
+
+
+def _drop_value_info(graph: onnx.GraphProto) -> None:
+    del graph.value_info[:]
+    for node in graph.node:
+        for _, sub in subgraphs(node):
+            _drop_value_info(sub)
 
 
 def is_external(t: onnx.TensorProto) -> bool:
@@ -191,6 +214,23 @@ class Scope:
     overridable: set[str] = field(default_factory=set)  # initializers a caller may override
     initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
     constant_nodes: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    # every name the graph defines (inputs, node outputs, initializers): a lookup from an inner
+    # graph stops here, since such a name shadows any outer one
+    defined: set[str] = field(default_factory=set)
+
+    def lookup(self, name: str) -> tuple[Scope, str] | None:
+        """The scope whose definition of `name` a reader in this scope sees, and its kind
+        ("initializer", "constant" or "computed"); None when no scope defines it."""
+        scope = self
+        while scope is not None:
+            if name in scope.initializers:
+                return scope, "initializer"
+            if name in scope.constant_nodes:
+                return scope, "constant"
+            if name in scope.defined:
+                return scope, "computed"
+            scope = scope.outer
+        return None
 
 
 class GraphView:
@@ -208,6 +248,7 @@ class GraphView:
         self.scope = Scope(graph, outer)
         self.scope.initializers = {t.name: t for t in graph.initializer}
         input_names = {i.name for i in graph.input}
+        self.scope.defined = input_names | set(self.scope.initializers)
         if not self.legacy_inputs and not allow_initializer_inputs:
             self.scope.overridable = input_names & set(self.scope.initializers)
         self.producer: dict[str, onnx.NodeProto] = {}
@@ -218,6 +259,7 @@ class GraphView:
             for o in node.output:
                 if o:
                     self.producer[o] = node
+                    self.scope.defined.add(o)
             used = [n for n in node.input if n]
             for _, sub in subgraphs(node):
                 used += sorted(free_names(sub))
@@ -262,34 +304,30 @@ class GraphView:
         if node is not None and node.op_type != "Constant":  # computed from constants only?
             value = computed_constant(self, name)
             return value if value is not None else f"'{name}' is not constant"
-        scope = self.scope
-        while scope is not None:
-            if name in scope.initializers:
-                if name in scope.overridable:
-                    return (f"initializer '{name}' is also a graph input (a caller may override "
-                            f"it; allow with --allow-initializer-inputs)")
-                return tensor_value(scope.initializers[name], self.base_dir)
-            if name in scope.constant_nodes:
-                value = constant_node_value(scope.constant_nodes[name])
-                return value if value is not None else f"'{name}' is a sparse constant"
-            scope = scope.outer
-        return f"'{name}' is not constant"
+        found = self.scope.lookup(name)
+        if found is None or found[1] == "computed":  # a graph input, or a node's output
+            return f"'{name}' is not constant"
+        scope, kind = found
+        if kind == "initializer":
+            if name in scope.overridable:
+                return (f"initializer '{name}' is also a graph input (a caller may override "
+                        f"it; allow with --allow-initializer-inputs)")
+            return tensor_value(scope.initializers[name], self.base_dir)
+        value = constant_node_value(scope.constant_nodes[name])
+        return value if value is not None else f"'{name}' is a sparse constant"
 
     def constant_dtype(self, name: str) -> int | None:
         node = self.producer.get(name)
         if node is not None and node.op_type == "Identity":
             return self.constant_dtype(node.input[0])
-        scope = self.scope
-        while scope is not None:
-            if name in scope.initializers:
-                return scope.initializers[name].data_type
-            if name in scope.constant_nodes:
-                value = scope.constant_nodes[name]
-                for a in value.attribute:
-                    if a.name == "value":
-                        return a.t.data_type
-                return onnx.TensorProto.FLOAT
-            scope = scope.outer
+        found = self.scope.lookup(name)
+        if found is not None and found[1] == "initializer":
+            return found[0].initializers[name].data_type
+        if found is not None and found[1] == "constant":
+            for a in found[0].constant_nodes[name].attribute:
+                if a.name == "value":
+                    return a.t.data_type
+            return onnx.TensorProto.FLOAT
         return self.types.get(name)
 
 
@@ -300,6 +338,8 @@ def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
             if name == old:
                 node.input[i] = new
         for _, sub in subgraphs(node):
+            if old in defined_names(sub):  # the body's own `old` shadows ours
+                continue
             rename_uses(sub, old, new)
             for output in sub.output:  # a body may return an outer value directly
                 if output.name == old:

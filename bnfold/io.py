@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 from onnx.external_data_helper import load_external_data_for_model
 
 from bnfold.errors import BadInput, one_line
-from bnfold.graph import MIN_OPSET, is_external
+from bnfold.graph import is_external
 from bnfold.serialize import EXTERNAL_THRESHOLD
 from bnfold.wire import (GRAPH, INITIALIZER, PROTOBUF_LIMIT, RAW_DATA, copy_fields, external,
                          is_plain_name, length_delimited, locations, nbytes, tensors, varint,
@@ -53,9 +53,9 @@ def load(path: str | os.PathLike, *, load_external_data: bool = False, check: bo
     if not model.ir_version and not model.HasField("graph"):
         raise BadInput(f"{path}: not an ONNX model (no IR version, no graph)")
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is not None and not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+    if opset is not None and not 1 <= opset <= onnx.defs.onnx_opset_version():
         raise BadInput(f"{path}: unsupported opset {opset} "
-                       f"(bnfold supports {MIN_OPSET}..{onnx.defs.onnx_opset_version()})")
+                       f"(bnfold supports 1..{onnx.defs.onnx_opset_version()})")
     for t in tensors(model):
         if is_external(t):
             _check_external(path, base_dir, t)

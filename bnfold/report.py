@@ -35,9 +35,9 @@ class OutputComparison:
     max_abs/max_rel/needed_* compare the two models directly. ``criterion`` says what decided:
     "exact" (integer, bool, string outputs), "close" (within ``bound`` = 8 ulps of the original),
     "accuracy" (``e_cand`` <= ``bound`` = K * (``e_orig`` + ``allowance``) + 8 ulps, errors
-    against the float64 reference, for the worst draw), "tolerance" (the given atol/rtol),
-    "scaled tolerance" (no float64 reference: atol raised to what the original's own rounding
-    needs, ``e_orig`` its estimate) or "shape" (the shapes differ).
+    against the float64 reference, for the worst draw and channel, ``worst``), "tolerance" (the
+    given atol/rtol), "scaled tolerance" (no float64 reference: atol raised to what the
+    original's own rounding needs, ``e_orig`` its estimate) or "shape" (the shapes differ).
     """
 
     name: str
@@ -45,7 +45,7 @@ class OutputComparison:
     shape: list[int]
     max_abs: float
     max_rel: float
-    atol: float | None  # None when the accuracy criterion decided
+    atol: float | None  # None when "close" or "accuracy" decided
     rtol: float | None
     passed: bool
     # The smallest atol (with rtol as given) and the smallest rtol (with atol as given) that pass.
@@ -81,35 +81,79 @@ class OutputComparison:
 
 
 @dataclass
+class RegionCheck:
+    """One rewritten region, cut out of both models and compared on its own."""
+
+    name: str  # "region 1", ...
+    reference_nodes: list[str]  # the region's nodes in the reference, by name
+    candidate_nodes: list[str]
+    inputs: list[str]  # the values it reads (its constants are inside)
+    outputs: list[OutputComparison] = field(default_factory=list)
+    draws: str = ""  # the inputs it was compared on
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "passed": self.passed,
+                "reference_nodes": self.reference_nodes, "candidate_nodes": self.candidate_nodes,
+                "inputs": self.inputs, "draws": self.draws,
+                "outputs": [_comparison_dict(o) for o in self.outputs]}
+
+    def describe(self) -> list[str]:
+        verdict = "ok" if self.passed else "FAILED"
+        head = (f"{self.name}: {', '.join(self.reference_nodes) or '-'} -> "
+                f"{', '.join(self.candidate_nodes) or '-'} {verdict}")
+        return [head] + ["  " + o.describe() for o in self.outputs]
+
+
+@dataclass
 class VerifyReport:
     """Outcome of running two models on the same inputs and comparing every output."""
 
     outputs: list[OutputComparison] = field(default_factory=list)
     inputs: str = ""  # where the inputs came from: "random (seed 0, batch=3)" or a file name
     runs: int = 0  # how many input sets were compared
+    method: str = "whole model"  # or "regions: N" when each rewritten region was checked alone
+    notes: list[str] = field(default_factory=list)  # draws skipped, why regions were checked
+    regions: list[RegionCheck] = field(default_factory=list)
+    error: str | None = None  # why the candidate failed outright: it cannot load or run
     reference: str | None = None  # which float64 reference ran (or why none)
 
     @property
     def passed(self) -> bool:
-        return all(o.passed for o in self.outputs)
+        return (self.error is None and all(o.passed for o in self.outputs)
+                and all(r.passed for r in self.regions))
 
     @property
     def failures(self) -> list[OutputComparison]:
-        return [o for o in self.outputs if not o.passed]
+        return ([o for o in self.outputs if not o.passed]
+                + [o for r in self.regions for o in r.outputs if not o.passed])
 
     def to_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "inputs": self.inputs, "runs": self.runs,
+        return {"passed": self.passed, "method": self.method, "inputs": self.inputs,
+                "runs": self.runs, "error": self.error, "notes": list(self.notes),
                 "reference": self.reference,
-                "outputs": [{k: _json_number(v) for k, v in asdict(o).items()}
-                            for o in self.outputs]}
+                "outputs": [_comparison_dict(o) for o in self.outputs],
+                "regions": [r.to_dict() for r in self.regions]}
 
     def to_text(self) -> str:
         head = "verification passed" if self.passed else "verification FAILED"
-        lines = [f"{head} on {self.inputs}"]
+        lines = [f"{head} ({self.method}) on {self.inputs}"]
+        if self.error:
+            lines.append(f"  {self.error}")
         if self.reference:
             lines.append(f"  reference: {self.reference}")
         lines += ["  " + o.describe() for o in self.outputs]
+        for region in self.regions:
+            lines += ["  " + line for line in region.describe()]
+        lines += ["  note: " + note for note in self.notes]
         return "\n".join(lines)
+
+
+def _comparison_dict(o: OutputComparison) -> dict[str, Any]:
+    return {k: _json_number(v) for k, v in asdict(o).items()}
 
 
 def _json_number(value):
@@ -138,6 +182,10 @@ class FoldReport:
     removed_casts: int = 0
     verification: VerifyReport | None = None
     notes: list[str] = field(default_factory=list)
+    # False when nothing was folded, lowered or switched to inference mode: the model is
+    # returned exactly as it was
+    changed: bool = False
+    upgraded_from: int | None = None  # the input's opset, when it was converted to opset 7
 
     @property
     def folded(self) -> list[Decision]:
@@ -151,16 +199,14 @@ class FoldReport:
     def lowered(self) -> list[Decision]:
         return [d for d in self.decisions if d.action == "lowered"]
 
-    @property
-    def changed(self) -> bool:
-        return bool(self.folded or self.lowered or self.removed_casts)
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "folded": len(self.folded),
             "kept": len(self.kept),
             "lowered": len(self.lowered),
             "removed_casts": self.removed_casts,
+            "changed": self.changed,
+            "upgraded_from": self.upgraded_from,
             "decisions": [asdict(d) for d in self.decisions],
             "before": self.before.to_dict() if self.before else None,
             "after": self.after.to_dict() if self.after else None,
@@ -176,7 +222,10 @@ class FoldReport:
         if self.removed_casts:
             summary += f", {self.removed_casts} no-op Cast removed"
         lines.append(summary)
-        if self.before and self.after:
+        if self.upgraded_from is not None:
+            lines.append(f"opset {self.upgraded_from} converted to opset 7 (onnx's version "
+                         f"converter) to fold")
+        if self.before and self.after and self.changed:
             lines.append(
                 f"nodes {self.before.nodes} -> {self.after.nodes}, "
                 f"parameters {self.before.parameters} -> {self.after.parameters}"

@@ -67,9 +67,10 @@ def trained_bn_params(C, rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 
 def bn_affine(params: dict[str, np.ndarray], epsilon: float = 1e-5):
-    """The float64 (s, t) of `y = s * x + t` for BN parameters (after rounding to their dtype)."""
+    """The float64 (s, t) of `y = s * x + t` for BN parameters (after rounding to their dtype).
+    `epsilon` is rounded to float32 first: BatchNormalization's attribute is a float32."""
     p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
-    s = p["scale"] / np.sqrt(p["var"] + np.float64(epsilon))
+    s = p["scale"] / np.sqrt(p["var"] + np.float64(np.float32(epsilon)))
     return s, p["bias"] - p["mean"] * s
 
 

@@ -41,7 +41,7 @@ def _model(nodes, inputs, outputs, inits=None, opset=17, elem=F):
 def _float64_outputs(model, feeds):
     ref = widen(model, None)
     wide = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in feeds.items()}
-    return run_session(session(ref.model, None, "reference", ref.arrays), wide, "it"), ref
+    return run_session(session(ref.model, None, "reference", initializers=ref.arrays), wide), ref
 
 
 # --- the reference: rewrites agree with onnxruntime's float32 operators -------------------------

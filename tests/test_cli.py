@@ -118,7 +118,7 @@ BAD_INPUTS = {  # case: (how INPUT is made, arguments after INPUT, expected in t
     "truncated": (lambda p: p.write_bytes(conv_bn_model().SerializeToString()[:300]), OUT,
                   "truncated or corrupt"),
     "checker rejects": (invalid_model, OUT, "invalid model: No Op registered for NoSuchOp"),
-    "opset 5": (lambda p: onnx.save(conv_bn_model(opset=5), str(p)), OUT, "unsupported opset 5"),
+    "opset 99": (lambda p: onnx.save(conv_bn_model(opset=99), str(p)), OUT, "unsupported opset 99"),
     "output is input": (valid_model, ["-o", "{input}"], "use --in-place"),
     "output is input, other spelling": (valid_model, ["-o", "{dir}/./model.onnx"],
                                         "use --in-place"),

@@ -183,9 +183,13 @@ def test_fold_random_graphs_with_affine_chains_keeps_outputs(case):
     model, must_fold = case
     folded, report = fold_checked(model)
 
-    stay = noop_casts(model, graph_outputs_only=True)
-    assert report.removed_casts == noop_casts(model) - stay
-    assert noop_casts(folded) == stay
+    if report.changed:  # no-op Casts go with the folds (but one producing a graph output)
+        stay = noop_casts(model, graph_outputs_only=True)
+        assert report.removed_casts == noop_casts(model) - stay
+        assert noop_casts(folded) == stay
+    else:  # nothing to fold: the model exactly as it was, Casts too
+        assert report.removed_casts == 0
+        assert folded.SerializeToString() == model.SerializeToString()
     producers = {o: n for n in folded.graph.node for o in n.output}
     for prefix in must_fold:  # folded into the layer before it: none of its nodes is left,
         # but for a leading Add right after a MatMul: that is the layer's bias, and it stays

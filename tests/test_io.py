@@ -116,12 +116,20 @@ def test_large_weights_are_checked_without_running_the_checker_on_them(tmp_path,
     assert all(list(t.dims) in ([0], [1]) or t.ByteSize() < 2048 for t in shell.graph.initializer)
 
 
-@pytest.mark.parametrize("opset", [5, 99])
+@pytest.mark.parametrize("opset", [0, 99])
 def test_unsupported_opset_is_bad_input(tmp_path, opset):
     path = tmp_path / "model.onnx"
     onnx.save(add_chain_model(size=8, opset=opset), str(path))
     newest = onnx.defs.onnx_opset_version()
-    assert_bad_input(path, f"unsupported opset {opset} (bnfold supports 7..{newest})")
+    assert_bad_input(path, f"unsupported opset {opset} (bnfold supports 1..{newest})")
+
+
+@pytest.mark.parametrize("opset", [1, 5, 6])
+def test_opset_below_7_loads(tmp_path, opset):
+    """fold passes such models through, or converts them when they have batch norms."""
+    path = tmp_path / "model.onnx"
+    onnx.save(add_chain_model(size=8, opset=opset), str(path))
+    assert load(path).opset_import[0].version == opset
 
 
 def test_missing_external_data_is_bad_input(tmp_path):

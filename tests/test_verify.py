@@ -56,16 +56,17 @@ def test_identical_models_pass():
     report = verify(_matmul(), _matmul(), runs=2)
     assert report.passed and report.runs == 2
     [out] = report.outputs
-    assert (out.name, out.dtype, out.shape, out.max_abs) == ("y", "float32", [5, 4], 0.0)
-    assert report.inputs == "random inputs (seeds 0..1; batch=5)"
+    assert (out.name, out.dtype, out.shape, out.max_abs) == ("y", "float32", [2, 4], 0.0)
+    assert report.inputs == ("random inputs (seed 0, batch=2, floats normal; "
+                             "seed 1, batch=1, floats uniform 0..255)")
 
 
 def test_perturbed_weight_fails_and_names_the_output():
     report = verify(_matmul(), _matmul(W + np.float32(1e-2)))
     assert [o.name for o in report.failures] == ["y"] and not report.passed
     assert report.outputs[0].max_abs > 1e-3
-    assert "y (float32 [5, 4])" in report.to_text() and "FAILED" in report.to_text()
-    assert verify(_matmul(), _matmul(W + np.float32(1e-2)), atol=1.0).passed
+    assert "y (float32 [2, 4])" in report.to_text() and "FAILED" in report.to_text()
+    assert verify(_matmul(), _matmul(W + np.float32(1e-2)), atol=10.0).passed  # x up to 255
 
 
 def test_needed_tolerances_on_a_hand_computed_example():
@@ -88,19 +89,23 @@ def test_needed_rtol_is_infinite_where_the_reference_is_zero():
 
 
 def test_symbolic_dims_avoid_the_models_sizes_and_dims_override():
-    # Every integer dimension (3, 5) is avoided; each symbolic name gets its own size.
+    # Every integer dimension (3, 5) is avoided; each symbolic name gets its own size (draw 1:
+    # primes from 2; draw 2: all 1).
     model = _matmul(np.ones((3, 5), np.float32), x_shape=("batch", "seq", 3))
-    assert random_inputs(model)["x"].shape == (7, 11, 3)
-    assert verify(model, model).inputs == "random inputs (seed 0; batch=7, seq=11)"
-    assert random_inputs(model, dims={"batch": 2})["x"].shape == (2, 7, 3)
-    assert random_inputs(model, dims={"batch": 7})["x"].shape == (7, 11, 3)  # 7 is taken
+    assert random_inputs(model)["x"].shape == (2, 7, 3)
+    assert random_inputs(model, draw=1)["x"].shape == (1, 1, 3)
+    assert verify(model, model).inputs == ("random inputs (seed 0, batch=2, seq=7, floats normal; "
+                                           "seed 1, batch=1, seq=1, floats uniform 0..255)")
+    assert random_inputs(model, dims={"batch": 11})["x"].shape == (11, 2, 3)
+    assert random_inputs(model, dims={"batch": 2})["x"].shape == (2, 7, 3)  # 2 is taken
+    assert random_inputs(model, dims={"batch": 2}, draw=1)["x"].shape == (2, 1, 3)
     with pytest.raises(BadInput, match="unknown dimension btach"):
         verify(model, model, dims={"btach": 2})
 
 
 def test_unnamed_dims_get_a_size_too():
     model = _matmul(x_shape=(None, 3))
-    assert verify(model, model).inputs == "random inputs (seed 0; x[0]=5)"
+    assert verify(model, model, runs=1).inputs == "random inputs (seed 0, x[0]=2, floats normal)"
     assert random_inputs(model, dims={"x[0]": 2})["x"].shape == (2, 3)
 
 
@@ -188,7 +193,7 @@ def test_nan_agrees_only_in_the_same_places():
 
 def test_shape_mismatch_fails_with_a_note():
     [out] = verify(_unary("Identity", shape=("n", 3)), _unary("Transpose", shape=("n", 3))).outputs
-    assert not out.passed and out.note == "shape mismatch: reference [5, 3], candidate [3, 5]"
+    assert not out.passed and out.note == "shape mismatch: reference [2, 3], candidate [3, 2]"
 
 
 @pytest.mark.parametrize("ir, opset", [(3, 8), (8, 17)])
@@ -227,5 +232,12 @@ def test_onnxruntime_errors_are_bad_input():
     add = _model([helper.make_node("Add", ["a", "b"], ["y"])],
                  [("a", F, ["n"]), ("b", F, ["m"])], [("y", F, ["k"])])
     with pytest.raises(BadInput, match=re.escape(
-            "failed to run the reference on random inputs (seed 0; n=3, m=5)")):
-        verify(add, add)
+            "failed to run the reference on given inputs: [ONNXRuntimeError]")):
+        verify(add, add, inputs={"a": np.ones(2), "b": np.ones(3)})
+    # Draw 1 (n=2, m=3) does not broadcast: skipped with a note; draw 2 (all 1) runs, and a
+    # third draw makes up for the skipped one.
+    report = verify(add, add)
+    assert report.passed and report.runs == 2 and report.method == "whole model"
+    assert report.notes[0].startswith("skipped a draw the reference cannot run "
+                                      "(seed 0, n=2, m=3, floats normal): [ONNXRuntimeError]")
+    assert "Attempting to broadcast an axis by a dimension other than 1. 2 by 3" in report.notes[0]

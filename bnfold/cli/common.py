@@ -91,6 +91,11 @@ def verify_options(command: Callable) -> Callable:
                      help="Relative tolerance of that test (the one not given: by dtype)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the random inputs."),
+        click.option("--runs", type=click.IntRange(min=1), default=2, show_default=True,
+                     help="Draws of random inputs (1: dims primes, floats normal; 2: dims 1, "
+                          "floats 0..255; then again with new seeds)."),
+        click.option("-v", "--verbose", is_flag=True,
+                     help="Let onnxruntime's own log lines through to stderr."),
         click.option("--json", "json_path", metavar="PATH",
                      help="Also write the report as JSON ('-': to stdout)."),
         click.option("-q", "--quiet", is_flag=True, help="Print errors only."),

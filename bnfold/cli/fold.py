@@ -10,7 +10,7 @@ import onnx
 from bnfold.cli.common import (Command, emit, exit_failed, load_job, note_written, parse_dims,
                                verify_options)
 from bnfold.commit import staged
-from bnfold.fold import fold, to_inference_mode
+from bnfold.fold import fold, to_inference_mode, upgrade
 from bnfold.io import load
 from bnfold.rules.plan import scratch_directory
 from bnfold.verify import verify
@@ -32,17 +32,19 @@ from bnfold.verify import verify
               help="Replace BN that cannot be folded with Mul+Add.")
 def fold_command(input_path: str, output: str | None, in_place: bool, no_verify: bool,
                  inputs: str | None, dims: tuple[str, ...], atol: float | None,
-                 rtol: float | None, seed: int, json_path: str | None, quiet: bool, force: bool,
+                 rtol: float | None, seed: int, runs: int, verbose: bool, json_path: str | None,
+                 quiet: bool, force: bool,
                  dry_run: bool, allow_initializer_inputs: bool, training_to_inference: bool,
                  lower_standalone: bool) -> None:
     """Fold the batch norms of INPUT into their neighbouring layers.
 
     Batch norms are BatchNormalization nodes and the Sub/Mul/Add/Div chains by per-channel
-    constants that Keras and other exporters write; no-op Casts are removed. What cannot be
-    folded exactly is kept, and the report says why.
+    constants that Keras and other exporters write; no-op Casts are removed when something
+    folds. What cannot be folded exactly is kept, and the report says why.
 
     OUTPUT is written only if onnxruntime finds that it computes the same outputs as INPUT
-    (or with --no-verify or --force).
+    (or with --no-verify or --force). When nothing folds, OUTPUT is a copy of INPUT, written
+    without a check. Models of opset 1..6 with batch norms are converted to opset 7 first.
     """
     sizes = parse_dims(dims)
     job = load_job(input_path, output, in_place, dry_run, json_path, quiet, inputs)
@@ -66,15 +68,22 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
         if stage is None:
             emit(report, json_path, quiet, job.reads)
             return
-        progress("saving")
-        stage.save(folded, base_dir=job.base_dir, external_data=had_external_data or None)
-        if not no_verify:
+        if not report.changed:  # nothing to check: OUTPUT is INPUT as it was
+            _write_unchanged(stage, report, input_path, folded, job.base_dir, had_external_data)
+        else:
+            progress("saving")
+            stage.save(folded, base_dir=job.base_dir, external_data=had_external_data or None)
+        if report.changed and not no_verify:
             progress("verifying")
             reference = input_path
+            if report.upgraded_from is not None:  # onnxruntime cannot run BN-6: compare with
+                reference = upgrade(load(input_path, check=False))  # onnx's conversion
             if training_to_inference:  # the reference is the original as it runs in inference
-                reference = to_inference_mode(load(input_path, check=False))
+                reference = to_inference_mode(load(input_path, check=False)
+                                              if isinstance(reference, str) else reference)
             report.verification = verify(reference, stage.path, inputs=inputs, dims=sizes,
-                                         atol=atol, rtol=rtol, seed=seed, base_dir=job.base_dir)
+                                         atol=atol, rtol=rtol, seed=seed, runs=runs,
+                                         base_dir=job.base_dir, verbose=verbose)
             if not report.verification.passed and not force:
                 stage.discard()
     note_written(report, stage.written)
@@ -82,3 +91,17 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
     if report.verification and not report.verification.passed:
         done = f"written to {job.output} anyway (--force)" if force else "nothing written"
         exit_failed(report.verification, quiet, done)
+
+
+def _write_unchanged(stage, report, input_path: str, model: onnx.ModelProto, base_dir: str,
+                     had_external_data: bool) -> None:
+    """OUTPUT as a byte copy of INPUT; a model with external data is saved again with a data
+    file of its own (a copy would read INPUT's). In place too: the commit then also sweeps
+    what killed runs left beside it."""
+    if had_external_data:
+        stage.save(model, base_dir=base_dir, external_data=True)
+    else:
+        with open(input_path, "rb") as f:
+            stage.write_bytes(f.read())
+    report.notes.append(f"{stage.target.given} written as a copy of {input_path} (nothing "
+                        f"changed, no check needed)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from bnfold.affine import Affine, cast_to
+from bnfold.affine import Affine, cast_to, range_reason
 from bnfold.graph import GraphView
 from bnfold.nodes import attr, display_name
 from bnfold.rules.layer import LINEAR_OPS, Layer, bias_add_after, gemm_attrs, make_layer, optional_constant
@@ -56,18 +56,33 @@ OUTPUT_CHANNELS = {
 def producer_layer(view: GraphView, aff: Affine) -> Layer | str:
     """The linear layer only the affine map reads: Linear [-> bias Add] [-> layout Transpose],
     or Linear -> Transpose -> bias Add (Keras's convolutions)."""
-    node = view.producer.get(aff.x)
+    name, node, identities = aff.x, view.producer.get(aff.x), []
+    while node is not None and node.op_type == "Identity" and node.domain in ("", "ai.onnx"):
+        reason = view.why_not_private(name, display_name(node))
+        if reason:
+            return reason
+        identities.append(node)  # removed by the fold: the layer produces y itself
+        name = node.input[0]
+        node = view.producer.get(name)
     if node is None:
         return "its input is not computed in this graph by a linear layer"
-    reason = view.why_not_private(aff.x, display_name(node))
+    reason = view.why_not_private(name, display_name(node))
     if reason:
         return reason
-    bias = transpose = None
+    bias = transpose = reshape = None
+    if node.op_type in ("Reshape", "Flatten") and node.domain in ("", "ai.onnx"):
+        found = _token_reshape(view, node, name)
+        if isinstance(found, str):
+            return found
+        reshape, node = node, found
     if node.op_type == "Add":
         bias, node = _bias_add_before(view, node)
         if bias is None:
             return "producer Add is not a linear layer's bias"
-    if node.op_type == "Transpose" and view.producer.get(node.input[0]) is not None:
+    if reshape is not None:
+        if node.op_type != "MatMul":
+            return f"producer {node.op_type} of {display_name(reshape)} is not a MatMul"
+    elif node.op_type == "Transpose" and view.producer.get(node.input[0]) is not None:
         reason = view.why_not_private(node.input[0], display_name(node))
         if reason:
             return reason
@@ -80,8 +95,33 @@ def producer_layer(view: GraphView, aff: Affine) -> Layer | str:
         return f"producer {node.op_type} is not a linear layer"
     layer = make_layer(view, node, bias)
     if isinstance(layer, Layer):
-        layer.transpose = transpose
+        layer.transpose, layer.identities, layer.reshape = transpose, identities, reshape
     return layer
+
+
+def _token_reshape(view: GraphView, node: onnx.NodeProto, name: str) -> onnx.NodeProto | str:
+    """The node before a Reshape/Flatten `node` (producing `name`) that only merges leading
+    axes, [..., C] -> [M, C] (LeViT's BatchNorm1d over flattened tokens): its C stays the
+    feature axis, so a BN on axis 1 of `name` is per feature of the MatMul before it."""
+    before, after = view.shape(node.input[0]), view.shape(name)
+    what = f"{node.op_type} {display_name(node)}"
+    if before is None or after is None:
+        return f"shapes around {what} are unknown"
+    if node.op_type == "Flatten" and int(attr(node, "axis", 1)) % max(len(before), 1) != len(before) - 1:
+        return f"{what} does not keep the last axis"
+    if not (len(after) == 2 and len(before) >= 2 and isinstance(before[-1], int)
+            and after[1] == before[-1]):
+        return f"{what} does not merge leading axes into [rows, {before[-1]}]"
+    source = node.input[0]
+    producer = view.producer.get(source)
+    if producer is None:
+        return f"the input of {what} is not computed in this graph by a linear layer"
+    # Shape and Size read only the shape, which the fold keeps
+    others = [u for u in view.users(source) if u is not node and u.op_type not in ("Shape", "Size")]
+    if source in view.outputs or others:
+        return view.why_not_private(source, display_name(producer)) or \
+            f"output of {display_name(producer)} has other consumers"
+    return producer
 
 
 def _bias_add_before(view: GraphView, add: onnx.NodeProto):
@@ -129,7 +169,7 @@ def plan_backward(view: GraphView, aff: Affine) -> Plan | str:
     if isinstance(per_channel, str):
         return per_channel
     s, t = per_channel
-    plan = Plan(into=node, direction="backward", remove=list(aff.nodes))
+    plan = Plan(into=node, direction="backward", remove=list(aff.nodes) + layer.identities)
 
     ndim = layer.weight.ndim
     # The float64 copy replaces the stored one at once: a weight can be a large part of memory.
@@ -153,6 +193,10 @@ def plan_backward(view: GraphView, aff: Affine) -> Plan | str:
             plan.remove.append(layer.bias_add)
             layer.bias_add, t = None, vector * s + t
     shift_taken = layer.bias_add is not None
+    if shift_taken or (bias_index is None and np.any(t)):  # the shift in an Add after the op
+        reason = range_reason(view.elem_type(layer.output), s, layer.name)
+        if reason:
+            return reason
     if shift_taken:
         bias = layer.add_bias.astype(np.float64) * s.reshape(along) + t.reshape(along)
         bias = cast_to(bias, view.constant_dtype(layer.bias_add.input[layer.add_index]))
@@ -180,11 +224,17 @@ def plan_backward(view: GraphView, aff: Affine) -> Plan | str:
         plan.outputs.append((layer.last, 0, aff.y))
     elif layer.transpose is not None:
         return f"{layer.name} has no bias to take the shift before its Transpose"
-    else:  # a MatMul without bias: add one
+    else:  # a MatMul without bias: add one (before the token Reshape, if any)
         bias = cast_to(t, layer.weight_type)
         if isinstance(bias, str):
             return bias
-        plan.add_bias = (node, bias, aff.y)
+        if layer.reshape is None:
+            plan.add_bias = (node, bias, aff.y)
+        else:
+            biased = view.names(f"{node.output[0]}/biased")
+            plan.add_bias = (node, bias, biased)
+            plan.rewire.append((layer.reshape, 0, biased))
+            plan.outputs.append((layer.reshape, 0, aff.y))
     return plan
 
 

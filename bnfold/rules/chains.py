@@ -55,13 +55,14 @@ def chain_heads(view: GraphView) -> list[onnx.NodeProto]:
 def chain_affine(view: GraphView, head: onnx.NodeProto) -> Affine | str:
     """The affine map of the chain starting at `head`, or why it is not one we can fold."""
     scale, shift = np.ones(()), np.zeros(())
-    nodes, params, node, step = [], [], head, affine_step(view, head)
+    nodes, params, shapes, node, step = [], [], [], head, affine_step(view, head)
     x = head.input[1 - step[0]]
     while True:
         index, c = step
         if node.op_type == "Div" and np.any(c == 0):
             return f"{display_name(node)} divides by a constant containing zero"
         c = c.astype(np.float64)
+        shapes.append(c.shape)
         if node.op_type == "Add":
             shift = shift + c
         elif node.op_type == "Sub":
@@ -78,6 +79,10 @@ def chain_affine(view: GraphView, head: onnx.NodeProto) -> Affine | str:
             break
         node = after
     y = nodes[-1].output[0]
+    for shape in shapes:
+        reason = _broadcast_reason(view, x, shape)
+        if reason:
+            return f"{display_name(head)}: {reason}"
     rank = view.rank(x)
     if rank is None and max(scale.ndim, shift.ndim) > 1:
         return f"rank of {x} is unknown, so the axis of the constants is unknown"
@@ -94,6 +99,24 @@ def chain_affine(view: GraphView, head: onnx.NodeProto) -> Affine | str:
         return "folded scale or shift is not finite"
     return Affine(display_name(head), x, y, scale, shift, nodes, params=params, op="affine",
                   axis=axis)
+
+
+def _broadcast_reason(view: GraphView, x: str, shape: tuple[int, ...]) -> str | None:
+    """Why a constant of `shape` may change the shape of `x` by broadcasting (one channel
+    becoming C): then the chain is no per-channel map of x. None when it cannot."""
+    if all(d == 1 for d in shape):
+        return None
+    x_shape = view.shape(x)
+    if x_shape is None:
+        return f"the shape of {x} is unknown: a constant of shape {list(shape)} may broadcast it"
+    if len(shape) > len(x_shape):
+        return None  # "more dimensions than its input", below
+    for d, x_d in zip(shape[::-1], x_shape[::-1]):
+        if d != 1 and x_d != d:
+            size = x_d if isinstance(x_d, int) else f"'{x_d}'" if x_d else "unknown"
+            return (f"a constant of shape {list(shape)} broadcasts {x} (size {size} on that "
+                    f"axis, not {d}): not a per-channel map")
+    return None
 
 
 def _is_layer_bias(view: GraphView, node: onnx.NodeProto, step: tuple[int, np.ndarray]) -> bool:

@@ -44,7 +44,12 @@ def _consumer(view: GraphView, aff: Affine) -> tuple[Layer, onnx.NodeProto | Non
     reason = view.why_not_private(aff.y, aff.name)
     if reason:
         return reason
-    user, between, repeat, data, axis = view.sole_user(aff.y), None, 1, aff.y, aff.axis
+    reader = view.sole_user(aff.y)  # what the fold rewires to read x instead
+    found = _through_identities(view, aff.y)
+    if isinstance(found, str):
+        return found
+    data, user = found
+    between, repeat, axis = None, 1, aff.axis
     if user.op_type in ("Transpose", "Flatten", "Reshape"):
         rank = view.rank(aff.y)
         if rank is None:
@@ -58,11 +63,14 @@ def _consumer(view: GraphView, aff: Affine) -> tuple[Layer, onnx.NodeProto | Non
             repeat = _flatten_repeat(view, aff, user)
             if isinstance(repeat, str):
                 return repeat
-        between, data = user, user.output[0]
-        reason = view.why_not_private(data, display_name(user))
+        between = user
+        reason = view.why_not_private(user.output[0], display_name(user))
         if reason:
             return reason
-        user = view.sole_user(data)
+        found = _through_identities(view, user.output[0])
+        if isinstance(found, str):
+            return found
+        data, user = found
     if user.op_type not in FORWARD_OPS:
         return f"consumer {user.op_type} is not a linear layer"
     if user.input[0] != data or data in user.input[1:]:
@@ -80,7 +88,19 @@ def _consumer(view: GraphView, aff: Affine) -> tuple[Layer, onnx.NodeProto | Non
     if axis is not None and axis % rank != feature_axis:
         return (f"{user.op_type} {layer.name} input has rank {rank}: axis {axis % rank} "
                 f"normalised by {aff.name} is not the feature axis {feature_axis}")
-    return layer, between, repeat
+    return layer, between, repeat, reader
+
+
+def _through_identities(view: GraphView, name: str) -> tuple[str, onnx.NodeProto] | str:
+    """(the value, its sole reader) after the Identity nodes that copy `name`, if any."""
+    user = view.sole_user(name)
+    while user.op_type == "Identity" and user.domain in ("", "ai.onnx"):
+        name = user.output[0]
+        reason = view.why_not_private(name, display_name(user))
+        if reason:
+            return reason
+        user = view.sole_user(name)
+    return name, user
 
 
 def _pads_reason(node: onnx.NodeProto) -> str | None:
@@ -95,7 +115,7 @@ def plan_forward(view: GraphView, aff: Affine) -> Plan | str:
     found = _consumer(view, aff)
     if isinstance(found, str):
         return found
-    layer, between, repeat = found
+    layer, between, repeat, reader = found
     # A float64 copy, scaled in place below; it replaces the stored one at once (memory).
     node, w, layer.weight = layer.node, layer.weight.astype(np.float64), None
     op = node.op_type
@@ -149,6 +169,11 @@ def plan_forward(view: GraphView, aff: Affine) -> Plan | str:
         if isinstance(bias, str):
             return bias
         plan.set_tensor(node, bias_index, bias, "bias")
+    elif np.any(t) and view.elem_type(node.output[0]) == onnx.TensorProto.FLOAT16:
+        # MatMul's own output, W'x = W(s*x + t) - W t, is an fp16 tensor before its bias Add:
+        # far larger than W(s*x + t) when the shift is large (inputs in 0..255, mean 128)
+        return (f"float16: {layer.name}'s output would hold W(s*x) before the shift W*t is "
+                f"added, which can overflow where the original does not")
     elif layer.bias_add is not None:
         bias = cast_to(layer.add_bias.astype(np.float64) + delta,
                        view.constant_dtype(layer.bias_add.input[layer.add_index]))
@@ -161,5 +186,5 @@ def plan_forward(view: GraphView, aff: Affine) -> Plan | str:
             return bias
         plan.outputs.append((node, 0, view.names(f"{node.output[0]}/unbiased")))
         plan.add_bias = (node, bias, node.output[0])
-    plan.rewire.append((between or node, 0, aff.x))
+    plan.rewire.append((reader, 0, aff.x))
     return plan

@@ -3,7 +3,7 @@ followed by a bias Add (torch's MatMul+Add for rank-3 inputs, Keras and tf2onnx 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -23,6 +23,8 @@ class Layer:
     add_index: int = 1  # which input of bias_add is the constant
     add_bias: np.ndarray | None = None
     transpose: onnx.NodeProto | None = None  # a layout Transpose after it (Keras: NCHW -> NHWC)
+    identities: list[onnx.NodeProto] = field(default_factory=list)  # Identity nodes before the BN
+    reshape: onnx.NodeProto | None = None  # a Reshape/Flatten [..., C] -> [rows, C] after it
 
     @property
     def name(self) -> str:
@@ -43,7 +45,7 @@ class Layer:
         """The node whose output the folded affine map's output name moves to."""
         if self.bias_after_transpose:
             return self.bias_add
-        return self.transpose or self.bias_add or self.node
+        return self.reshape or self.transpose or self.bias_add or self.node
 
     def perm(self, rank: int) -> list[int]:
         """The layout Transpose's permutation (ONNX's default: reversed axes)."""

@@ -111,6 +111,8 @@ def _accuracy(name, original, candidate, reference, sources) -> OutputComparison
     k = FACTOR[pairs[0][0].dtype]
     draws = []
     for (a, b), r in zip(pairs, reference):
+        if name not in r:
+            raise Unavailable(f"it has no output {name}")
         r = np.asarray(r[name], np.float64).reshape(a.shape)
         a64, b64 = a.astype(np.float64), b.astype(np.float64)
         usable = np.isfinite(a64) & np.isfinite(b64)

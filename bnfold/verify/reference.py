@@ -385,11 +385,11 @@ _REWRITES = {
 
 
 def float64_runs(model: onnx.ModelProto, base_dir: str | None,
-                 feed_sets: list[dict[str, np.ndarray]]) -> tuple[list[dict], str]:
+                 feed_sets: list[dict], verbose: bool = False) -> tuple[list[dict], str]:
     """The outputs of ``model`` in float64 on every draw, and what ran; raises Unavailable."""
     from bnfold.errors import BadInput, one_line
     from bnfold.verify.criterion import Unavailable
-    from bnfold.verify.runtime import run_session, session
+    from bnfold.verify.runtime import RunFailed, load_session, run_session
 
     if not narrow_float(model):
         raise Unavailable("the model has no float tensor narrower than float64")
@@ -398,15 +398,16 @@ def float64_runs(model: onnx.ModelProto, base_dir: str | None,
     except Exception as err:  # a model onnx itself cannot follow: no reference, say why
         raise Unavailable(f"cannot widen the model: {one_line(err)}") from None
     try:
-        runner = session(ref.model, base_dir, "float64 reference", ref.arrays)
-        runs = [run_session(runner, {k: _wide(v) for k, v in feeds.items()},
-                            "the float64 reference") for feeds in feed_sets]
-    except BadInput as err:
-        raise Unavailable(str(err)) from None
+        runner = load_session(ref.model, base_dir, verbose=verbose, initializers=ref.arrays)
+        runs = [run_session(runner, {k: _wide(v) for k, v in feeds.items()})
+                for feeds in feed_sets]
+    except (RunFailed, BadInput) as err:
+        raise Unavailable(f"onnxruntime cannot run it: {err}") from None
     return runs, ref.describe()
 
 
-def _wide(array: np.ndarray) -> np.ndarray:
-    array = np.asarray(array)
-    return array.astype(np.float64) if array.dtype.kind == "f" or array.dtype.name == "bfloat16" \
-        else array
+def _wide(value):
+    if isinstance(value, np.ndarray) and (value.dtype.kind == "f" or
+                                          value.dtype.name == "bfloat16"):
+        return value.astype(np.float64)
+    return value
