@@ -180,41 +180,54 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def _batch_norms(view: GraphView):
+def _batch_norms(view: GraphView, known: dict[int, tuple]):
     """Every batch norm of the graph (BN nodes, affine chains): an `Affine`, or (node, op, reason)
-    when it is not a fixed affine map."""
+    when it is not a fixed affine map.
+
+    `known` keeps each BN node's result from scan to scan (keyed by id, with the node): nothing
+    a BN's map is read from changes while the node stays, since rewrites change only the
+    layers' inputs and outputs, and fill only the initializers a layer alone reads.
+    """
     for node in view.graph.node:
         if _is_bn(node):
-            aff = bn_affine(view, node)
+            entry = known.get(id(node))
+            if entry is None or entry[0] is not node:
+                entry = known[id(node)] = (node, bn_affine(view, node))
+            aff = entry[1]
             yield (node, "BatchNormalization", aff) if isinstance(aff, str) else aff
     for head in chain_heads(view):
         aff = chain_affine(view, head)
         yield (head, "affine", aff) if isinstance(aff, str) else aff
 
 
-def _values_near(view: GraphView, nodes: list[onnx.NodeProto], hops: int = _RULE_REACH) -> set[str]:
-    """Every value of the nodes within `hops` nodes of `nodes`, upstream or downstream."""
-    seen = {id(n): n for n in nodes}
-    frontier = list(nodes)
-    for _ in range(hops):
-        near = [view.producer.get(name) for n in frontier for name in n.input]
-        near += [user for n in frontier for name in n.output for user in view.users(name)]
-        frontier = [n for n in near if n is not None and id(n) not in seen]
-        seen.update((id(n), n) for n in frontier)
-    return {name for n in seen.values() for name in (*n.input, *n.output) if name}
+def _near(view: GraphView, nodes: list[onnx.NodeProto], values: set[str],
+          hops: int = _RULE_REACH) -> bool:
+    """Whether a node within `hops` nodes of `nodes`, upstream or downstream, has one of
+    `values` as an input or output."""
+    producer, users, disjoint = view.producer.get, view.users, values.isdisjoint
+    seen = {id(n) for n in nodes}
+    frontier = nodes
+    for hop in range(hops + 1):
+        for n in frontier:
+            if not (disjoint(n.input) and disjoint(n.output)):
+                return True
+        if hop == hops:
+            return False
+        near = []
+        for n in frontier:
+            near += map(producer, n.input)
+            for name in n.output:
+                near += users(name)
+        frontier = []
+        for n in near:
+            if n is not None and id(n) not in seen:
+                seen.add(id(n))
+                frontier.append(n)
+    return False
 
 
 def _is_bn(node: onnx.NodeProto) -> bool:
     return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
-
-
-def _used_names(model: onnx.ModelProto) -> set[str]:
-    used: set[str] = set()
-    for graph in graphs(model.graph):
-        used.update(o.name for o in graph.output)
-        for node in graph.node:
-            used.update(node.input)
-    return used
 
 
 def _to_inference_mode(model: onnx.ModelProto) -> tuple[int, list[str]]:
@@ -270,19 +283,20 @@ class _FoldRun:
 
     def fold_graph(self, graph: onnx.GraphProto, outer: Scope | None, path: str) -> None:
         kept: dict[str, tuple] = {}  # output -> (name, op, Affine or None, reason)
+        view = self.view(graph, outer)  # built once, refreshed after each scan
+        affines: dict[int, tuple] = {}
         progress = True
         while progress:  # to a fixpoint: a fold can make another batch norm foldable
             progress = False
-            view = self.view(graph, outer)
-            # Plans are computed on this scan's view; one that meets a value next to an earlier
-            # rewrite of the scan waits for the next scan, on a fresh view.
+            # Plans are computed on this scan's snapshot; one that meets a value next to an
+            # earlier rewrite of the scan waits for the next scan, on the refreshed view.
             dirty: set[str] = set()
-            for aff in list(_batch_norms(view)):
+            for aff in list(_batch_norms(view, affines)):
                 if isinstance(aff, tuple):  # (node, op, reason): not a fixed affine map
                     node, op, reason = aff
                     kept[node.output[0]] = (display_name(node), op, None, reason)
                     continue
-                if dirty and dirty & _values_near(view, aff.nodes):
+                if dirty and _near(view, aff.nodes, dirty):
                     continue  # what the rules read here may be stale: even a refusal
                 result = self._plan(view, aff)
                 if isinstance(result, str):
@@ -297,7 +311,7 @@ class _FoldRun:
                     into=display_name(result.into), graph=path, op=aff.op))
                 del result  # its new weights are in the model now: not twice in memory
                 progress = True
-        view = self.view(graph, outer)
+            view.refresh()
         for name, op, aff, reason in kept.values():
             if aff is not None and op == "affine" and len(aff.nodes) < 2:
                 continue  # a lone Add or Mul by a constant that stays is not worth a line
@@ -306,6 +320,7 @@ class _FoldRun:
                 action = "lowered" if self._lower(view, aff) else "kept"
             self.report.decisions.append(Decision(node=name, action=action, reason=reason,
                                                   graph=path, op=op))
+        view.refresh()
         for node in graph.node:  # (lowering only added names no subgraph can read)
             for attr_name, sub in subgraphs(node):
                 self.fold_graph(sub, view.scope, f"{path}/{display_name(node)}:{attr_name}")
@@ -329,59 +344,78 @@ class _FoldRun:
         scale, shift = cast_to(aff.scale.reshape(along), data_type), cast_to(aff.shift.reshape(along), data_type)
         if isinstance(scale, str) or isinstance(shift, str):
             return False
-        graph, (bn,) = view.graph, aff.nodes
-        position = list(graph.node).index(bn)
+        (bn,) = aff.nodes
         names = [self.names(f"{aff.name}/{role}") for role in ("scale", "shift", "scaled")]
         for name, value in zip(names, (scale, shift)):
-            tensor = graph.initializer.add()
-            tensor.name = name
-            fill(tensor, value)
+            fill(view.add_initializer(name), value)
         if view.legacy_inputs:
             for name, value in zip(names, (scale, shift)):
-                graph.input.append(helper.make_tensor_value_info(name, data_type, list(value.shape)))
-        graph.node.remove(bn)
-        graph.node.insert(position, helper.make_node("Add", [names[2], names[1]], [aff.y],
-                                                     name=self.names(f"{aff.name}/Add")))
-        graph.node.insert(position, helper.make_node("Mul", [aff.x, names[0]], [names[2]],
-                                                     name=self.names(f"{aff.name}/Mul")))
+                view.add_graph_input(helper.make_tensor_value_info(name, data_type,
+                                                                   list(value.shape)))
+        add = helper.make_node("Add", [names[2], names[1]], [aff.y],
+                               name=self.names(f"{aff.name}/Add"))
+        mul = helper.make_node("Mul", [aff.x, names[0]], [names[2]],
+                               name=self.names(f"{aff.name}/Mul"))
+        view.remove(bn)  # Mul then Add take its place
+        view.insert_after(bn, mul)
+        view.insert_after(bn, add)
         self.touched.update(aff.params)
         return True
 
     def collect_garbage(self) -> None:
-        """Remove the constants and value_info entries the rewrites left without a reader."""
-        while True:  # a removed node's inputs may have lost their last reader too
-            dead = self.touched - _used_names(self.model)
-            for graph in graphs(self.model.graph):
-                for node in graph.node:
-                    if _is_pure(node) and set(node.output) <= dead:
-                        self.touched.update(n for n in node.input if n)
-            if not self._remove(dead):
-                break
+        """Remove the constants and value_info entries the rewrites left without a reader.
+
+        A value is dead when a rewrite touched it and nothing reads it (no node input, no graph
+        output, in any graph); a pure node whose outputs are all dead goes too, and its inputs
+        may die in turn. Read counts are kept, so the cost is one walk of the model plus what
+        dies; every list is then swept once.
+        """
+        all_graphs = list(graphs(self.model.graph))
+        reads: dict[str, int] = {}
+        producers: dict[str, list[onnx.NodeProto]] = {}
+        for graph in all_graphs:
+            for o in graph.output:
+                reads[o.name] = reads.get(o.name, 0) + 1
+            for node in graph.node:
+                for name in node.input:
+                    reads[name] = reads.get(name, 0) + 1
+                for name in node.output:
+                    producers.setdefault(name, []).append(node)
+        dead: set[str] = set()
+        doomed_nodes: dict[int, onnx.NodeProto] = {}
+        pending = list(self.touched)
+        while pending:
+            name = pending.pop()
+            if name in dead or reads.get(name, 0) or name not in self.touched:
+                continue
+            dead.add(name)
+            for node in producers.get(name, ()):
+                if id(node) in doomed_nodes or not _is_pure(node) \
+                        or not all(o in dead for o in node.output):
+                    continue
+                doomed_nodes[id(node)] = node
+                inputs = [n for n in node.input if n]
+                self.touched.update(inputs)
+                for n in node.input:
+                    reads[n] -= 1
+                pending.extend(inputs)
+        for graph in all_graphs:
+            is_legacy_main = graph is self.model.graph and self.model.ir_version < 4
+            doomed = dead if is_legacy_main else dead - {i.name for i in graph.input}
+            remove_where(graph.initializer, lambda t: t.name in doomed)
+            if is_legacy_main:
+                remove_where(graph.input, lambda i: i.name in doomed)
+            remove_where(graph.node, lambda n: id(n) in doomed_nodes)
+            remove_where(graph.value_info, lambda v: v.name in doomed)
         produced: set[str] = set()
-        for graph in graphs(self.model.graph):
+        for graph in all_graphs:
             produced.update(i.name for i in graph.input)
             produced.update(t.name for t in graph.initializer)
             for node in graph.node:
                 produced.update(node.output)
-        for graph in graphs(self.model.graph):
+        for graph in all_graphs:
             remove_where(graph.value_info,
-                          lambda v: v.name in self.dropped and v.name not in produced)
-
-    def _remove(self, dead: set[str]) -> int:
-        """Remove dead initializers and the pure nodes computing only dead values; the count."""
-        removed = 0
-        for graph in graphs(self.model.graph):
-            is_legacy_main = graph is self.model.graph and self.model.ir_version < 4
-            interface = set() if is_legacy_main else {i.name for i in graph.input}
-            doomed = dead - interface
-            before = len(graph.initializer) + len(graph.node)
-            remove_where(graph.initializer, lambda t: t.name in doomed)
-            if is_legacy_main:
-                remove_where(graph.input, lambda i: i.name in doomed)
-            remove_where(graph.node, lambda n: _is_pure(n) and set(n.output) <= doomed)
-            remove_where(graph.value_info, lambda v: v.name in doomed)
-            removed += before - len(graph.initializer) - len(graph.node)
-        return removed
+                         lambda v: v.name in self.dropped and v.name not in produced)
 
 
 def _is_pure(node: onnx.NodeProto) -> bool:

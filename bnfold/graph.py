@@ -6,7 +6,9 @@ it indexes names, it never copies tensor data).
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -27,6 +29,8 @@ FLOAT_TYPES = {
     onnx.TensorProto.FLOAT16: np.float16,
     onnx.TensorProto.BFLOAT16: ml_dtypes.bfloat16,
 }
+
+_GRAPH_ATTRIBUTES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 
 # Largest initializer (in elements) copied into the model used for shape inference.
 _SHAPE_DATA_LIMIT = 4096
@@ -118,37 +122,41 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, in
         for _, sub in subgraphs(node):
             _drop_value_info(sub)
     g.name = model.graph.name
-    for t in model.graph.initializer:
-        light = g.initializer.add()
-        light.name, light.data_type = t.name, t.data_type
-        light.dims.extend(t.dims)
-        if int(np.prod(t.dims)) <= _SHAPE_DATA_LIMIT and not is_external(t):
-            light.CopyFrom(t)
-    listed = {i.name for i in g.input}
-    for t in model.graph.initializer:  # give every initializer a type for inference
-        if t.name not in listed:
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    initializers = model.graph.initializer
+    if all(math.prod(t.dims) <= _SHAPE_DATA_LIMIT and not is_external(t) for t in initializers):
+        g.initializer.extend(initializers)  # small weights only: one copy, in C
+    else:
+        for t in initializers:
+            light = g.initializer.add()
+            if math.prod(t.dims) <= _SHAPE_DATA_LIMIT and not is_external(t):
+                light.CopyFrom(t)
+            else:
+                light.name, light.data_type = t.name, t.data_type
+                light.dims.extend(t.dims)
+    if model.ir_version < 4:  # IR >= 4: onnx types initializers that are not inputs itself
+        listed = {i.name for i in g.input}
+        for t in model.graph.initializer:  # give every initializer a type for inference
+            if t.name not in listed:
+                g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type,
+                                                                  list(t.dims)))
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     except Exception:  # inference is a hint: without it, rank-dependent rules refuse
         inferred = skeleton
-    shapes: dict[str, tuple] = {}
-    types: dict[str, int] = {}
+    shapes, types = _Deferred(_shape_of), {}
 
     def visit(graph: onnx.GraphProto) -> None:
-        for v in list(graph.input) + list(graph.output) + list(graph.value_info):
-            if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type:
-                types[v.name] = v.type.tensor_type.elem_type
-            if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
-                dims = []
-                for d in v.type.tensor_type.shape.dim:
-                    if d.HasField("dim_value"):
-                        dims.append(d.dim_value)
-                    else:
-                        dims.append(d.dim_param or None)
-                shapes[v.name] = tuple(dims)
+        for v in (*graph.input, *graph.output, *graph.value_info):
+            if not v.type.HasField("tensor_type"):
+                continue
+            tensor_type = v.type.tensor_type
+            if tensor_type.elem_type:
+                types[v.name] = tensor_type.elem_type
+            if tensor_type.HasField("shape"):
+                shapes.defer(v.name, v)
         for t in graph.initializer:
-            shapes[t.name], types[t.name] = tuple(t.dims), t.data_type
+            shapes.defer(t.name, t)
+            types[t.name] = t.data_type
         for node in graph.node:
             if node.op_type == "Constant":
                 for a in node.attribute:
@@ -162,6 +170,61 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, in
     return shapes, types
 
 
+def _shape_of(source: onnx.ValueInfoProto | onnx.TensorProto) -> tuple:
+    if isinstance(source, onnx.TensorProto):
+        return tuple(source.dims)
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                 for d in source.type.tensor_type.shape.dim)
+
+
+class _Deferred(dict):
+    """A dict some of whose values are made from a source on first read: inference gives a
+    shape to every value, and a pass reads a few."""
+
+    def __init__(self, make):
+        super().__init__()
+        self._sources: dict = {}
+        self._make = make
+
+    def defer(self, key, source) -> None:
+        dict.pop(self, key, None)
+        self._sources[key] = source
+
+    def _made(self, key) -> bool:
+        source = self._sources.pop(key, None)
+        if source is None:
+            return dict.__contains__(self, key)
+        dict.__setitem__(self, key, self._make(source))
+        return True
+
+    def __setitem__(self, key, value) -> None:
+        self._sources.pop(key, None)
+        dict.__setitem__(self, key, value)
+
+    def __contains__(self, key) -> bool:
+        return dict.__contains__(self, key) or key in self._sources
+
+    def __getitem__(self, key):
+        self._made(key)
+        return dict.__getitem__(self, key)
+
+    def get(self, key, default=None):
+        return dict.__getitem__(self, key) if self._made(key) else default
+
+    def setdefault(self, key, default=None):
+        return dict.__getitem__(self, key) if self._made(key) else dict.setdefault(self, key, default)
+
+    def __eq__(self, other) -> bool:
+        for key in list(self._sources):
+            self._made(key)
+        return dict.__eq__(self, other)
+
+    def __ne__(self, other) -> bool:
+        return not self == other
+
+    __hash__ = None
+
+
 def _drop_value_info(graph: onnx.GraphProto) -> None:
     del graph.value_info[:]
     for node in graph.node:
@@ -173,9 +236,22 @@ def is_external(t: onnx.TensorProto) -> bool:
     return t.data_location == onnx.TensorProto.EXTERNAL
 
 
+# Element types whose raw bytes are their numpy array as they are (on little-endian machines).
+_RAW_TYPES = {t: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)) for t in (
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT8,
+    onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+    onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64,
+    onnx.TensorProto.BOOL)} if sys.byteorder == "little" else {}
+
+
 def tensor_value(tensor: onnx.TensorProto, base_dir: str) -> np.ndarray:
     """A tensor's value, its data read from external files when it has any. onnx refuses
     absolute locations; bnfold writes them itself for weights it spilled to disk."""
+    dtype = _RAW_TYPES.get(tensor.data_type)
+    if dtype is not None and tensor.HasField("raw_data") and not is_external(tensor) \
+            and not tensor.HasField("segment"):  # numpy_helper.to_array's result, sooner
+        return np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tuple(tensor.dims))
     info = {e.key: e.value for e in tensor.external_data}
     if not is_external(tensor) or not os.path.isabs(info.get("location", "")):
         return numpy_helper.to_array(tensor, base_dir)
@@ -234,7 +310,13 @@ class Scope:
 
 
 class GraphView:
-    """Index of one graph, with access to constants of the enclosing scopes."""
+    """Index of one graph, with access to constants of the enclosing scopes.
+
+    Built once per graph and kept up to date by the rewrites, which change the graph through
+    it (`set_input`, `set_output`, `remove`, `insert_after`, `add_initializer`). The index is a
+    snapshot: changes show in it, and in the graph's node list, at the next `refresh`, which
+    makes it what a fresh `GraphView` of the graph would be, at the cost of the changes only.
+    """
 
     def __init__(self, model: onnx.ModelProto, graph: onnx.GraphProto, *, outer: Scope | None,
                  base_dir: str | None, allow_initializer_inputs: bool,
@@ -247,42 +329,82 @@ class GraphView:
         self.legacy_inputs = model.ir_version < 4 and self.is_main
         self.scope = Scope(graph, outer)
         self.scope.initializers = {t.name: t for t in graph.initializer}
-        input_names = {i.name for i in graph.input}
-        self.scope.defined = input_names | set(self.scope.initializers)
+        self.inputs = {i.name for i in graph.input}
+        self.scope.defined = self.inputs | set(self.scope.initializers)
         if not self.legacy_inputs and not allow_initializer_inputs:
-            self.scope.overridable = input_names & set(self.scope.initializers)
+            self.scope.overridable = self.inputs & set(self.scope.initializers)
         self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        self._readers: dict[str, dict[int, onnx.NodeProto]] = {}  # name -> id -> node
+        self._indexed: dict[int, tuple[onnx.NodeProto, tuple[str, ...], tuple[str, ...]]] = {}
+        # changes waiting for `refresh`
+        self._changed: dict[int, onnx.NodeProto] = {}
+        self._removed: dict[int, onnx.NodeProto] = {}
+        self._inserted: list[tuple[onnx.NodeProto, onnx.NodeProto]] = []  # (node, after)
+        self._new_initializers: list[onnx.TensorProto] = []
         for node in graph.node:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                self.scope.constant_nodes[node.output[0]] = node
-            for o in node.output:
-                if o:
-                    self.producer[o] = node
-                    self.scope.defined.add(o)
-            used = [n for n in node.input if n]
+            self._index(node)
+        self.outputs = {o.name for o in graph.output}
+
+    def _index(self, node: onnx.NodeProto) -> None:
+        outputs = tuple(node.output)
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            self.scope.constant_nodes[outputs[0]] = node
+        for o in outputs:
+            if o:
+                self.producer[o] = node
+                self.scope.defined.add(o)
+        used = [n for n in node.input if n]
+        if any(a.type in _GRAPH_ATTRIBUTES for a in node.attribute):
             for _, sub in subgraphs(node):
                 used += sorted(free_names(sub))
-            for name in dict.fromkeys(used):
-                self.consumers.setdefault(name, []).append(node)
-        self.outputs = {o.name for o in graph.output}
+        reads = tuple(dict.fromkeys(used))
+        key = id(node)
+        for name in reads:
+            readers = self._readers.get(name)
+            if readers is None:
+                self._readers[name] = {key: node}
+            else:
+                readers[key] = node
+        self._indexed[key] = (node, reads, outputs)
+
+    def _unindex(self, node: onnx.NodeProto) -> None:
+        key = id(node)
+        _, reads, outputs = self._indexed.pop(key)
+        for name in reads:
+            readers = self._readers[name]
+            del readers[key]
+            if not readers:
+                del self._readers[name]
+        for o in outputs:
+            if o and self.producer.get(o) is node:
+                del self.producer[o]
+                if o not in self.inputs and o not in self.scope.initializers:
+                    self.scope.defined.discard(o)
+        if outputs and self.scope.constant_nodes.get(outputs[0]) is node:
+            del self.scope.constant_nodes[outputs[0]]
 
     # -- structure ------------------------------------------------------------------------
 
     def users(self, name: str) -> list[onnx.NodeProto]:
-        return self.consumers.get(name, [])
+        readers = self._readers.get(name)
+        return list(readers.values()) if readers else []
 
     def sole_user(self, name: str) -> onnx.NodeProto | None:
-        users = self.users(name)
-        return users[0] if len(users) == 1 and name not in self.outputs else None
+        readers = self._readers.get(name)
+        if readers is None or len(readers) != 1 or name in self.outputs:
+            return None
+        return next(iter(readers.values()))
 
     def why_not_private(self, name: str, owner: str) -> str | None:
         """Reason `name` cannot be rewired: it has other consumers or is a graph output."""
         if name in self.outputs:
             return f"output of {owner} is a graph output"
-        if len(self.users(name)) > 1:
+        if len(self._readers.get(name, ())) > 1:
             return f"output of {owner} has other consumers"
         return None
+
+    def is_graph_input(self, name: str) -> bool:
+        return name in self.inputs
 
     def shape(self, name: str) -> tuple | None:
         return self.shapes.get(name)
@@ -294,8 +416,78 @@ class GraphView:
         shape = self.shape(name)
         return None if shape is None else len(shape)
 
-    # -- constants ------------------------------------------------------------------------
+    # -- changes --------------------------------------------------------------------------
 
+    def set_input(self, node: onnx.NodeProto, index: int, name: str) -> None:
+        """node.input[index] = name (padding absent inputs with "")."""
+        while len(node.input) <= index:
+            node.input.append("")
+        node.input[index] = name
+        self._changed[id(node)] = node
+
+    def set_output(self, node: onnx.NodeProto, index: int, name: str) -> None:
+        node.output[index] = name
+        self._changed[id(node)] = node
+
+    def remove(self, node: onnx.NodeProto) -> None:
+        """Take `node` out of the graph (at the next `refresh`)."""
+        self._removed[id(node)] = node
+
+    def insert_after(self, after: onnx.NodeProto, node: onnx.NodeProto) -> onnx.NodeProto:
+        """Put a copy of `node` right after `after` (after the nodes inserted after it before);
+        returns the copy, which is the graph's."""
+        added = self.graph.node.add()
+        added.CopyFrom(node)
+        self._inserted.append((added, after))
+        return added
+
+    def add_initializer(self, name: str) -> onnx.TensorProto:
+        """A new, empty initializer of the graph named `name`."""
+        tensor = self.graph.initializer.add()
+        tensor.name = name
+        self._new_initializers.append(tensor)
+        return tensor
+
+    def add_graph_input(self, value: onnx.ValueInfoProto) -> None:
+        self.graph.input.append(value)
+        self.inputs.add(value.name)
+        self.scope.defined.add(value.name)
+
+    def refresh(self) -> None:
+        """Apply the changes since the last refresh to the node list and to the index."""
+        if self._removed or self._inserted:
+            self._sweep()
+        for key, node in self._removed.items():
+            self._changed.pop(key, None)
+            if key in self._indexed:
+                self._unindex(node)
+        for node, _ in self._inserted:
+            self._changed.pop(id(node), None)
+            if id(node) not in self._removed:
+                self._index(node)
+        for key, node in self._changed.items():
+            self._unindex(node)
+            self._index(node)
+        for tensor in self._new_initializers:
+            self.scope.initializers[tensor.name] = tensor
+            self.scope.defined.add(tensor.name)
+        self._changed, self._removed, self._inserted, self._new_initializers = {}, {}, [], []
+
+    def _sweep(self) -> None:
+        """Remove and insert the nodes in one reordering of the node list: removing one node of
+        a repeated protobuf field at a time costs as much as the field each time."""
+        nodes = list(self.graph.node)  # (keeps every wrapper, and so every id, alive)
+        step = len(self._inserted) + 1  # position * step (+ order, for inserted nodes)
+        keys = dict(zip(map(id, nodes), range(0, len(nodes) * step, step)))
+        for order, (node, after) in enumerate(self._inserted, 1):
+            keys[id(node)] = keys[id(after)] - keys[id(after)] % step + order
+        gone = len(nodes) * step
+        for key in self._removed:
+            keys[key] += gone
+        self.graph.node.sort(key=lambda n: keys[id(n)])
+        del self.graph.node[len(nodes) - len(self._removed):]
+
+    # -- constants ------------------------------------------------------------------------
     def constant(self, name: str) -> np.ndarray | str:
         """The value of a constant tensor, or the reason it is not one."""
         node = self.producer.get(name)
@@ -333,21 +525,40 @@ class GraphView:
 
 def rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
     """Make every reader of `old` (subgraphs included) read `new`."""
+    rename_all(graph, {old: new})
+
+
+def rename_all(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    """Make every reader of each old name (subgraphs included) read its new name, in one walk
+    of the graph. A subgraph that defines an old name itself reads its own value: its readers
+    are not renamed."""
+    if not renames:
+        return
     for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = new
+        if not renames.keys().isdisjoint(node.input):
+            for i, name in enumerate(node.input):
+                if name in renames:
+                    node.input[i] = renames[name]
         for _, sub in subgraphs(node):
-            if old in defined_names(sub):  # the body's own `old` shadows ours
-                continue
-            rename_uses(sub, old, new)
+            shadowed = defined_names(sub)
+            inner = {old: new for old, new in renames.items() if old not in shadowed}
+            rename_all(sub, inner)
             for output in sub.output:  # a body may return an outer value directly
-                if output.name == old:
-                    output.name = new
+                if output.name in inner:
+                    output.name = inner[output.name]
 
 
-def remove_where(container, predicate) -> None:
-    """Delete the items of a repeated protobuf field that match, in place: rebuilding the field
-    would copy every tensor of a large model."""
-    for index in reversed([i for i, item in enumerate(container) if predicate(item)]):
-        del container[index]
+def remove_where(container, predicate) -> int:
+    """Delete the items of a repeated protobuf field that match, in place (rebuilding the field
+    would copy every tensor of a large model); returns how many."""
+    items = list(container)  # (keeps every wrapper, and so every id, alive)
+    doomed = [i for i, item in enumerate(items) if predicate(item)]
+    if len(doomed) <= 16:  # deleting one item moves the ones after it
+        for index in reversed(doomed):
+            del container[index]
+    elif doomed:  # a stable sort moves the doomed to the end, keeping the others' order
+        flags = dict.fromkeys(map(id, items), False)
+        flags.update((id(items[i]), True) for i in doomed)
+        container.sort(key=lambda item: flags[id(item)])
+        del container[len(items) - len(doomed):]
+    return len(doomed)

@@ -28,7 +28,7 @@ from onnx import helper, numpy_helper
 
 from bnfold.dense import DENSE_OPS, Layer, find_layers
 from bnfold.errors import BadInput, VerificationFailed, one_line
-from bnfold.graph import FLOAT_TYPES, MIN_OPSET, NameAllocator, default_opset, rename_uses
+from bnfold.graph import FLOAT_TYPES, MIN_OPSET, NameAllocator, default_opset, rename_all
 from bnfold.report import VerifyReport
 from bnfold.verify import verify
 
@@ -300,6 +300,7 @@ def _rewrite(model: onnx.ModelProto, layers: list[Layer], settings: _Settings
     producer_index = {o: i for i, node in enumerate(graph.node) for o in node.output if o}
     graph_outputs = {o.name for o in graph.output}
     chains: dict[int, list[onnx.NodeProto]] = {}
+    renames: dict[str, str] = {}  # a layer's output -> its BN's, for every other reader
     insertions = []
     for layer in layers:
         use_activation = layer.activation is not None and not settings.before_activation
@@ -317,9 +318,10 @@ def _rewrite(model: onnx.ModelProto, layers: list[Layer], settings: _Settings
             chains[index] = _chain(layer, insertion.input, anchor, insertion, names, settings, out)
         else:
             chains[index] = _chain(layer, anchor, None, insertion, names, settings, out)
-            rename_uses(graph, anchor, chains[index][-1].output[0])
+            renames[anchor] = chains[index][-1].output[0]
         insertion.output = chains[index][-1].output[0]
         insertions.append(insertion)
+    rename_all(graph, renames)  # (the new nodes are not in the graph yet)
     ordered = []
     for i, node in enumerate(graph.node):
         ordered.append(node)

@@ -48,7 +48,7 @@ def load(path: str | os.PathLike, *, load_external_data: bool = False, check: bo
         model.ParseFromString(data)
     except DecodeError:
         raise BadInput(f"{path}: {_parse_failure(data)}") from None
-    sizes = _raw_data_sizes(data) if check else []
+    sizes = (_small_raw_sizes(model) or _raw_data_sizes(data)) if check else []
     del data
     if not model.ir_version and not model.HasField("graph"):
         raise BadInput(f"{path}: not an ONNX model (no IR version, no graph)")
@@ -220,6 +220,21 @@ def _parse_failure(data: bytes) -> str:
     if not seen:
         return "not an ONNX model (protobuf parse failed)"
     return "truncated or corrupt (protobuf parse failed)"
+
+
+def _small_raw_sizes(model: onnx.ModelProto) -> list[int] | None:
+    """`_raw_data_sizes`, read from the parsed model when every main-graph initializer is
+    small by its shape (reading a small `raw_data` copies little); None otherwise."""
+    sizes = []
+    for t in model.graph.initializer:
+        expected = nbytes(t)
+        if expected is None or expected > _SMALL_RAW:
+            return None
+        sizes.append(len(t.raw_data) if t.HasField("raw_data") else -1)
+    return sizes or None
+
+
+_SMALL_RAW = 64 << 10  # bytes
 
 
 def _raw_data_sizes(data: bytes) -> list[int]:

@@ -93,7 +93,9 @@ def _write_inline(model: onnx.ModelProto, out: BinaryIO) -> None:
     parts = []  # (tensor, its serialized header, the byte count of the data that follows it)
     for t in model.graph.initializer:
         header = onnx.TensorProto()
-        if is_spilled(t):
+        if t.HasField("raw_data") and _small_and_plain(t):
+            parts.append((t, _serialized_raw_last(t), None))
+        elif is_spilled(t):
             copy_fields(t, header, skip="external_data")
             header.ClearField("data_location")
             parts.append((t, header.SerializeToString(), int(external(t).length)))
@@ -127,6 +129,35 @@ def _write_inline(model: onnx.ModelProto, out: BinaryIO) -> None:
                 raise ValueError(f"tensor '{t.name}' holds {len(data)} bytes, not {length}")
             out.write(data)
             del data
+
+
+_SMALL = 64 << 10  # bytes: a tensor this small is serialized whole
+
+
+def _small_and_plain(t: onnx.TensorProto) -> bool:
+    """Whether `t` is small, holds the bytes its shape needs (else the streaming path names it)
+    and sets no field numbered after raw_data but data_location = DEFAULT (`fill` sets it)."""
+    size = itemsize(t.data_type)
+    expected = math.prod(t.dims) * size
+    if not size or expected > _SMALL or t.data_location or len(t.external_data) \
+            or t.HasField("doc_string") or len(t.metadata_props) or len(t.double_data) \
+            or len(t.uint64_data):
+        return False
+    return len(t.raw_data) == expected
+
+
+_DEFAULT_LOCATION = bytes([14 << 3, 0])  # data_location (field 14, a varint) = 0
+
+
+def _serialized_raw_last(t: onnx.TensorProto) -> bytes:
+    """`t` serialized whole (one C call) in the streaming path's layout: its header fields,
+    then raw_data. Protobuf writes fields by number: only data_location follows raw_data."""
+    whole = t.SerializeToString()
+    if not t.HasField("data_location"):
+        return whole
+    head = len(whole) - len(_DEFAULT_LOCATION) - len(field_header(RAW_DATA, len(t.raw_data))) \
+        - len(t.raw_data)
+    return whole[:head] + _DEFAULT_LOCATION + whole[head:-len(_DEFAULT_LOCATION)]
 
 
 def _externalized(model: onnx.ModelProto, out: BinaryIO, location: str,

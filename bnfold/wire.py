@@ -86,10 +86,17 @@ def nbytes(t: onnx.TensorProto) -> int | None:
 
 
 def itemsize(data_type: int) -> int:
-    try:
-        return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
-    except (KeyError, ValueError, TypeError):
-        return 0
+    size = _ITEMSIZE.get(data_type)
+    if size is None:
+        try:
+            size = onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+        except (KeyError, ValueError, TypeError):
+            size = 0
+        _ITEMSIZE[data_type] = size
+    return size
+
+
+_ITEMSIZE: dict[int, int] = {}
 
 
 def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -69,3 +69,30 @@ def test_mlp_generators(bench, tmp_path, make):
         assert not external
     y = _run(path, np.ones((3, 7), np.float32))
     assert y.shape == (3, 96) and np.isfinite(y).all()
+
+
+@pytest.fixture(scope="module")
+def bench_passes():
+    path = _SCRIPT.with_name("bench_passes.py")
+    spec = importlib.util.spec_from_file_location("bench_passes", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@pytest.mark.parametrize("variant", ["conv", "gemm", "forward", "decomposed", "casts", "matmul",
+                                     "insert"])
+def test_pass_benchmark_models_are_valid_and_do_what_they_claim(bench_passes, variant):
+    from bnfold.fold import fold
+    from bnfold.insert import insert
+
+    make, kind = bench_passes.VARIANTS[variant]
+    model = make(6, 4)
+    onnx.checker.check_model(model, full_check=True)
+    if kind == "insert":
+        assert len(insert(model, all_layers=True)[1].insertions) == 6
+    else:
+        _, report = fold(model)
+        assert len(report.folded) == 6 and not report.kept

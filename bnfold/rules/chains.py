@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from bnfold.affine import Affine
-from bnfold.graph import FLOAT_TYPES, GraphView, remove_where, rename_uses
+from bnfold.graph import FLOAT_TYPES, GraphView, remove_where, rename_all
 from bnfold.nodes import attr, display_name, subgraphs
 from bnfold.rules.layer import LINEAR_OPS
 
@@ -129,20 +129,30 @@ def _is_layer_bias(view: GraphView, node: onnx.NodeProto, step: tuple[int, np.nd
 
 
 def remove_noop_casts(model: onnx.ModelProto, types: dict[str, int]) -> int:
-    """Remove every Cast to its input's own type (unless it produces a graph output)."""
+    """Remove every Cast to its input's own type (unless it produces a graph output).
+
+    Each graph's Casts are found in one walk (a chain of them resolves to the first input),
+    removed in one sweep and their readers renamed in one more walk, subgraphs included.
+    """
     removed = 0
 
     def visit(graph: onnx.GraphProto) -> None:
         nonlocal removed
         outputs = {o.name for o in graph.output}
-        for node in list(graph.node):
-            if (node.op_type == "Cast" and node.domain in ("", "ai.onnx")
-                    and types.get(node.input[0]) == attr(node, "to")
-                    and node.output[0] not in outputs):
-                graph.node.remove(node)
-                rename_uses(graph, node.output[0], node.input[0])
-                remove_where(graph.value_info, lambda v: v.name == node.output[0])
-                removed += 1
+        renames: dict[str, str] = {}  # a removed Cast's output -> the value it passed on
+        casts = []
+        for node in graph.node:
+            if node.op_type == "Cast" and node.domain in ("", "ai.onnx"):
+                source = renames.get(node.input[0], node.input[0])
+                if types.get(source) == attr(node, "to") and node.output[0] not in outputs:
+                    renames[node.output[0]] = source
+                    casts.append(node)
+        if casts:
+            doomed = set(map(id, casts))  # (`casts` keeps the wrappers, and their ids, alive)
+            remove_where(graph.node, lambda n: id(n) in doomed)
+            rename_all(graph, renames)
+            remove_where(graph.value_info, lambda v: v.name in renames)
+            removed += len(renames)
         for node in graph.node:
             for _, sub in subgraphs(node):
                 visit(sub)

@@ -131,51 +131,51 @@ class Rewriter:
         # longer exist. Both are cleaned up once at the end of the pass.
         self.view, self.names, self.touched, self.dropped = view, names, touched, dropped
         self.spill = spill
-        self.graph = view.graph
 
     def apply(self, plan: Plan) -> None:
+        """Carry `plan` out through the view: the graph's node list and the index change at the
+        view's next `refresh` (the rules of this scan read the scan's snapshot)."""
+        view = self.view
         for node in plan.remove:
             self.touched.update(n for n in node.input if n)
             self.dropped.update(n for n in node.output if n)
-            self.graph.node.remove(node)
+            view.remove(node)
         for node, index, values, role in plan.tensors:
             self._set_tensor(node, index, values, role)
         for node, name, value in plan.attributes:
             set_attr(node, name, value)
         for node, index, name in plan.rewire:
-            node.input[index] = name
+            view.set_input(node, index, name)
         for node, index, name in plan.outputs:
             old = node.output[index]
             self.dropped.add(old)
-            for known in (self.view.shapes, self.view.types):  # a new name: the same value
+            for known in (view.shapes, view.types):  # a new name: the same value
                 if old in known:
                     known.setdefault(name, known[old])
-            node.output[index] = name
+            view.set_output(node, index, name)
         if plan.add_bias is not None:
             after, bias, output = plan.add_bias
             bias_name = self._new_initializer(f"{display_name(after)}/bias", bias)
             add = helper.make_node("Add", [after.output[0], bias_name], [output],
                                    name=self.names(f"{display_name(after)}/bias_add"))
-            position = list(self.graph.node).index(after) + 1
-            self.graph.node.insert(position, add)
+            view.insert_after(after, add)
 
     def _set_tensor(self, node: onnx.NodeProto, index: int, values: np.ndarray, role: str) -> None:
-        while len(node.input) <= index:
-            node.input.append("")
-        old = node.input[index]
+        old = node.input[index] if index < len(node.input) else ""
         if old and self._owned(old, node) and self._same_type(old, values):
             fill(self.view.scope.initializers[old], values, self.spill)
             return
         if old:
             self.touched.add(old)
-        node.input[index] = self._new_initializer(f"{display_name(node)}/{role}", values)
+        self.view.set_input(node, index, self._new_initializer(f"{display_name(node)}/{role}",
+                                                                values))
 
     def _owned(self, name: str, node: onnx.NodeProto) -> bool:
         """True when `name` is an initializer of this graph that only `node` reads, once."""
         return (name in self.view.scope.initializers
                 and list(node.input).count(name) == 1
                 and name not in self.view.outputs
-                and name not in {i.name for i in self.graph.input}
+                and not self.view.is_graph_input(name)
                 and [id(n) for n in self.view.users(name)] == [id(node)])
 
     def _same_type(self, name: str, values: np.ndarray) -> bool:
@@ -185,10 +185,8 @@ class Rewriter:
 
     def _new_initializer(self, base: str, values: np.ndarray) -> str:
         name = self.names(base)
-        tensor = self.graph.initializer.add()
-        tensor.name = name
-        fill(tensor, values, self.spill)
+        fill(self.view.add_initializer(name), values, self.spill)
         if self.view.legacy_inputs:  # IR < 4: every initializer is also listed as an input
-            self.graph.input.append(helper.make_tensor_value_info(
+            self.view.add_graph_input(helper.make_tensor_value_info(
                 name, helper.np_dtype_to_tensor_dtype(values.dtype), list(values.shape)))
         return name
