@@ -32,27 +32,53 @@ class Decision:
 
 @dataclass
 class OutputComparison:
-    """Agreement of one graph output between a reference and a candidate model."""
+    """Agreement of one graph output between the original (reference) and a candidate model.
+
+    max_abs/max_rel/needed_* compare the two models directly. ``criterion`` says what decided:
+    "exact" (integer, bool, string outputs), "close" (within ``bound`` = 8 ulps of the original),
+    "accuracy" (``e_cand`` <= ``bound`` = K * (``e_orig`` + ``allowance``) + 8 ulps, errors
+    against the float64 reference, for the worst draw and channel, ``worst``), "tolerance" (the
+    given atol/rtol), "scaled tolerance" (no float64 reference: atol raised to what the
+    original's own rounding needs, ``e_orig`` its estimate) or "shape" (the shapes differ).
+    """
 
     name: str
     dtype: str
     shape: list[int]
     max_abs: float
     max_rel: float
-    atol: float
-    rtol: float
+    atol: float | None  # None when "close" or "accuracy" decided
+    rtol: float | None
     passed: bool
     # The smallest atol (with rtol as given) and the smallest rtol (with atol as given) that pass.
     needed_atol: float
     needed_rtol: float
     note: str | None = None  # e.g. "shape mismatch", "NaN in candidate only"
+    criterion: str = "tolerance"
+    e_orig: float | None = None  # max |original - float64 reference| (worst draw)
+    e_cand: float | None = None  # max |candidate - float64 reference|
+    allowance: float | None = None  # output movement from 1 ulp of the rewritten weights
+    bound: float | None = None  # what e_cand (accuracy) or max_abs (close) had to stay within
+    worst: str | None = None  # where the accuracy figures are from: "draw 2, channel 3 (axis 1)"
 
     def describe(self) -> str:
         verdict = "ok" if self.passed else "FAILED"
-        text = (
-            f"{self.name} ({self.dtype} {self.shape}): max abs {self.max_abs:.3g}, "
-            f"max rel {self.max_rel:.3g} (atol {self.atol:g}, rtol {self.rtol:g}) {verdict}"
-        )
+        text = f"{self.name} ({self.dtype} {self.shape}): max abs {self.max_abs:.3g}"
+        if self.criterion == "accuracy":
+            text += (f"; error vs float64: candidate {self.e_cand:.3g}, original "
+                     f"{self.e_orig:.3g}, bound {self.bound:.3g}")
+            if self.allowance:
+                text += f" (rounding allowance {self.allowance:.3g})"
+            if not self.passed and self.worst:
+                text += f" at {self.worst}"
+            text += f" {verdict}"
+        elif self.criterion == "close":
+            text += f" (within {self.bound:.3g}, 8 ulps) {verdict}"
+        else:
+            text += (f", max rel {self.max_rel:.3g} (atol {self.atol:g}, rtol {self.rtol:g})"
+                     f" {verdict}")
+            if self.criterion == "scaled tolerance":
+                text += f" [no float64 reference; original's rounding ~{self.e_orig:.3g}]"
         return text + (f" - {self.note}" if self.note else "")
 
 
@@ -95,6 +121,7 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)  # draws skipped, why regions were checked
     regions: list[RegionCheck] = field(default_factory=list)
     error: str | None = None  # why the candidate failed outright: it cannot load or run
+    reference: str | None = None  # which float64 reference ran (or why none)
 
     @property
     def passed(self) -> bool:
@@ -109,6 +136,7 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "method": self.method, "inputs": self.inputs,
                 "runs": self.runs, "error": self.error, "notes": list(self.notes),
+                "reference": self.reference,
                 "outputs": [_comparison_dict(o) for o in self.outputs],
                 "regions": [r.to_dict() for r in self.regions]}
 
@@ -117,6 +145,8 @@ class VerifyReport:
         lines = [f"{head} ({self.method}) on {self.inputs}"]
         if self.error:
             lines.append(f"  {self.error}")
+        if self.reference:
+            lines.append(f"  reference: {self.reference}")
         lines += ["  " + o.describe() for o in self.outputs]
         for region in self.regions:
             lines += ["  " + line for line in region.describe()]

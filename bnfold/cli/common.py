@@ -84,8 +84,11 @@ def verify_options(command: Callable) -> Callable:
                      help="Compare on these inputs (name -> array) instead of random ones."),
         click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE",
                      help="Size of a symbolic input dimension (repeatable)."),
-        click.option("--atol", type=float, help="Absolute tolerance [default: by dtype]."),
-        click.option("--rtol", type=float, help="Relative tolerance [default: by dtype]."),
+        click.option("--atol", type=float,
+                     help="Pass when |B - A| <= atol + rtol * |A| everywhere, instead of the "
+                          "default test (B as accurate as A against a float64 evaluation of A)."),
+        click.option("--rtol", type=float,
+                     help="Relative tolerance of that test (the one not given: by dtype)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the random inputs."),
         click.option("--runs", type=click.IntRange(min=1), default=2, show_default=True,
