@@ -6,23 +6,28 @@
 """
 
 from bnfold.artifacts import ArtifactsReport, training_artifacts, training_plan
+from bnfold.calibrate import calibrate
 from bnfold.errors import BadInput, BnfoldError, VerificationFailed
 from bnfold.fold import fold
 from bnfold.insert import insert
 from bnfold.inspect import inspect
 from bnfold.io import load, save
-from bnfold.report import Decision, FoldReport, OutputComparison, VerifyReport
+from bnfold.report import (BnCalibration, CalibrateReport, Decision, FoldReport,
+                           OutputComparison, VerifyReport)
 from bnfold.verify import verify
 
 __all__ = [
     "ArtifactsReport",
     "BadInput",
+    "BnCalibration",
     "BnfoldError",
+    "CalibrateReport",
     "Decision",
     "FoldReport",
     "OutputComparison",
     "VerificationFailed",
     "VerifyReport",
+    "calibrate",
     "fold",
     "insert",
     "inspect",

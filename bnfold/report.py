@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
+
 
 @dataclass
 class Decision:
@@ -34,27 +36,53 @@ class Decision:
 
 @dataclass
 class OutputComparison:
-    """Agreement of one graph output between a reference and a candidate model."""
+    """Agreement of one graph output between the original (reference) and a candidate model.
+
+    max_abs/max_rel/needed_* compare the two models directly. ``criterion`` says what decided:
+    "exact" (integer, bool, string outputs), "close" (within ``bound`` = 8 ulps of the original),
+    "accuracy" (``e_cand`` <= ``bound`` = K * (``e_orig`` + ``allowance``) + 8 ulps, errors
+    against the float64 reference, for the worst draw and channel, ``worst``), "tolerance" (the
+    given atol/rtol), "scaled tolerance" (no float64 reference: atol raised to what the
+    original's own rounding needs, ``e_orig`` its estimate) or "shape" (the shapes differ).
+    """
 
     name: str
     dtype: str
     shape: list[int]
     max_abs: float
     max_rel: float
-    atol: float
-    rtol: float
+    atol: float | None  # None when "close" or "accuracy" decided
+    rtol: float | None
     passed: bool
     # The smallest atol (with rtol as given) and the smallest rtol (with atol as given) that pass.
     needed_atol: float
     needed_rtol: float
     note: str | None = None  # e.g. "shape mismatch", "NaN in candidate only"
+    criterion: str = "tolerance"
+    e_orig: float | None = None  # max |original - float64 reference| (worst draw)
+    e_cand: float | None = None  # max |candidate - float64 reference|
+    allowance: float | None = None  # output movement from 1 ulp of the rewritten weights
+    bound: float | None = None  # what e_cand (accuracy) or max_abs (close) had to stay within
+    worst: str | None = None  # where the accuracy figures are from: "draw 2, channel 3 (axis 1)"
 
     def describe(self) -> str:
         verdict = "ok" if self.passed else "FAILED"
-        text = (
-            f"{self.name} ({self.dtype} {self.shape}): max abs {self.max_abs:.3g}, "
-            f"max rel {self.max_rel:.3g} (atol {self.atol:g}, rtol {self.rtol:g}) {verdict}"
-        )
+        text = f"{self.name} ({self.dtype} {self.shape}): max abs {self.max_abs:.3g}"
+        if self.criterion == "accuracy":
+            text += (f"; error vs float64: candidate {self.e_cand:.3g}, original "
+                     f"{self.e_orig:.3g}, bound {self.bound:.3g}")
+            if self.allowance:
+                text += f" (rounding allowance {self.allowance:.3g})"
+            if not self.passed and self.worst:
+                text += f" at {self.worst}"
+            text += f" {verdict}"
+        elif self.criterion == "close":
+            text += f" (within {self.bound:.3g}, 8 ulps) {verdict}"
+        else:
+            text += (f", max rel {self.max_rel:.3g} (atol {self.atol:g}, rtol {self.rtol:g})"
+                     f" {verdict}")
+            if self.criterion == "scaled tolerance":
+                text += f" [no float64 reference; original's rounding ~{self.e_orig:.3g}]"
         return text + (f" - {self.note}" if self.note else "")
 
 
@@ -97,6 +125,7 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)  # draws skipped, why regions were checked
     regions: list[RegionCheck] = field(default_factory=list)
     error: str | None = None  # why the candidate failed outright: it cannot load or run
+    reference: str | None = None  # which float64 reference ran (or why none)
 
     @property
     def passed(self) -> bool:
@@ -111,6 +140,7 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "method": self.method, "inputs": self.inputs,
                 "runs": self.runs, "error": self.error, "notes": list(self.notes),
+                "reference": self.reference,
                 "outputs": [_comparison_dict(o) for o in self.outputs],
                 "regions": [r.to_dict() for r in self.regions]}
 
@@ -119,6 +149,8 @@ class VerifyReport:
         lines = [f"{head} ({self.method}) on {self.inputs}"]
         if self.error:
             lines.append(f"  {self.error}")
+        if self.reference:
+            lines.append(f"  reference: {self.reference}")
         lines += ["  " + o.describe() for o in self.outputs]
         for region in self.regions:
             lines += ["  " + line for line in region.describe()]
@@ -262,3 +294,91 @@ def _bytes(n: int) -> str:
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n} B"
+
+
+def summary(values) -> dict[str, float]:
+    """The smallest, average and largest of a statistics tensor (float64)."""
+    array = np.asarray(values, dtype=np.float64)
+    if not array.size:
+        return {"min": 0.0, "mean": 0.0, "max": 0.0}
+    return {"min": float(array.min()), "mean": float(array.mean()), "max": float(array.max())}
+
+
+def _range(s: dict[str, float] | None) -> str:
+    return "?" if not s else f"{s['min']:.4g}..{s['max']:.4g} (avg {s['mean']:.4g})"
+
+
+@dataclass
+class BnCalibration:
+    """What `calibrate` did to one BatchNormalization."""
+
+    node: str
+    graph: str = "main"
+    action: str = "calibrated"  # or "skipped"
+    reason: str | None = None  # why skipped
+    level: int | None = None  # calibrated BNs on the longest path before it
+    pass_index: int | None = None  # the pass (1-based) that measured it
+    samples: int = 0  # values per channel measured: samples x spatial positions
+    old_mean: dict[str, float] | None = None  # min/mean/max over channels
+    new_mean: dict[str, float] | None = None
+    old_var: dict[str, float] | None = None
+    new_var: dict[str, float] | None = None
+    initializers: list[str] = field(default_factory=list)  # where the new statistics are
+    copied: list[str] = field(default_factory=list)  # "old -> new" when not updated in place
+    per_activation: bool = False  # opset < 9 spatial=0: statistics per activation
+    note: str | None = None
+
+    def describe(self) -> str:
+        where = "" if self.graph == "main" else f" [{self.graph}]"
+        if self.action != "calibrated":
+            return f"skipped     {self.node}{where}: {self.reason}"
+        text = (f"calibrated  {self.node} (level {self.level}, pass {self.pass_index}, "
+                f"{self.samples} values per channel): mean {_range(self.old_mean)} -> "
+                f"{_range(self.new_mean)}; var {_range(self.old_var)} -> {_range(self.new_var)}")
+        if self.copied:
+            text += f"; copied to new initializers ({', '.join(self.copied)})"
+        return text + (f" ({self.note})" if self.note else "")
+
+
+@dataclass
+class CalibrateReport:
+    """Everything `calibrate` did, for people (``to_text``) and pipelines (``to_dict``)."""
+
+    method: str = "exact"
+    data: str = ""  # where the samples came from
+    samples: int = 0  # samples read in one pass
+    batch_size: int = 0
+    passes: int = 0  # passes over the data
+    levels: int = 0
+    bns: list[BnCalibration] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def calibrated(self) -> list[BnCalibration]:
+        return [b for b in self.bns if b.action == "calibrated"]
+
+    @property
+    def skipped(self) -> list[BnCalibration]:
+        return [b for b in self.bns if b.action != "calibrated"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method, "data": self.data, "samples": self.samples,
+            "batch_size": self.batch_size, "passes": self.passes, "levels": self.levels,
+            "calibrated": len(self.calibrated), "skipped": len(self.skipped),
+            "bns": [{k: _json_number(v) if not isinstance(v, dict) else
+                     {kk: _json_number(vv) for kk, vv in v.items()}
+                     for k, v in asdict(b).items()} for b in self.bns],
+            "notes": list(self.notes),
+        }
+
+    def to_text(self) -> str:
+        lines = [b.describe() for b in self.bns]
+        method = ("exact: one pass per level" if self.method == "exact"
+                  else "batch: one pass, batch statistics averaged")
+        lines.append(f"{len(self.calibrated)} calibrated, {len(self.skipped)} skipped; "
+                     f"{self.samples} samples from {self.data} in batches of {self.batch_size}, "
+                     f"{self.passes} pass{'es' if self.passes != 1 else ''} over the data "
+                     f"({self.levels} level{'s' if self.levels != 1 else ''}; {method})")
+        lines += self.notes
+        return "\n".join(lines)

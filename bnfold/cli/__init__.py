@@ -9,6 +9,7 @@ import click
 
 from bnfold import __version__
 from bnfold.cli.artifacts import artifacts_command
+from bnfold.cli.calibrate import calibrate_command
 from bnfold.cli.common import ReportsErrors
 from bnfold.cli.fold import fold_command
 from bnfold.cli.insert import insert_command
@@ -36,7 +37,8 @@ def main() -> None:
     """
 
 
-for _command in (fold_command, verify_command, inspect_command, insert_command):
+for _command in (fold_command, verify_command, inspect_command, insert_command,
+                 calibrate_command):
     main.add_command(_command)
 main.add_command(artifacts_command)  # onnxruntime-training's; needs its own environment
 

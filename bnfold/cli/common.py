@@ -115,8 +115,11 @@ def verify_options(command: Callable) -> Callable:
                      help="Size of a symbolic input dimension, in every draw (repeatable) "
                           "[default: draw 1, distinct primes 2, 3, 5, ... that no dimension of "
                           "the model has; draw 2, 1]."),
-        click.option("--atol", type=float, help="Absolute tolerance [default: by dtype]."),
-        click.option("--rtol", type=float, help="Relative tolerance [default: by dtype]."),
+        click.option("--atol", type=float,
+                     help="Pass when |B - A| <= atol + rtol * |A| everywhere, instead of the "
+                          "default test (B as accurate as A against a float64 evaluation of A)."),
+        click.option("--rtol", type=float,
+                     help="Relative tolerance of that test (the one not given: by dtype)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the random inputs."),
         click.option("--runs", type=click.IntRange(min=1), default=2, show_default=True,

@@ -17,12 +17,14 @@ from bnfold.verify import verify
 def verify_command(reference: str, candidate: str, inputs: str | None, dims: tuple[str, ...],
                    atol: float | None, rtol: float | None, seed: int, runs: int, verbose: bool,
                    json_path: str | None, quiet: bool) -> None:
-    """Check that models A and B compute the same outputs.
+    """Check that model B computes what model A computes, as accurately.
 
     Both run in onnxruntime, unoptimised, on the same inputs (--runs draws of random inputs,
-    or --inputs). When no draw runs model A whole, each region where B differs from A is
-    checked alone. Exit code 0 if every output agrees, 1 if not (or if B fails where A runs),
-    2 if the check cannot be done.
+    or --inputs). An output passes when B is within 8 ulps of A, or when B's error against A
+    evaluated in float64 is at most 4 times A's own (8 for float16/bfloat16), plus 8 ulps;
+    --atol/--rtol replace this by a plain tolerance. When no draw runs model A whole, each
+    region where B differs from A is checked alone. Exit code 0 if every output passes, 1 if
+    not (or if B fails where A runs), 2 if the check cannot be done.
 
     \b
     Examples:
