@@ -4,7 +4,7 @@
     python benchmarks/bench_quantize.py --runs 20 --samples 8 --eval 16   # a smoke run
 
 For each model, onnxruntime.quantization.quantize_static (QDQ format, int8 activations and
-weights, per-tensor, MinMax calibration over `--samples` random inputs) quantizes four variants:
+weights, per tensor unless `--per-channel`, MinMax calibration over `--samples` random inputs) quantizes four variants:
 
 - orig:        the model as exported
 - orig+pre:    after onnxruntime's preprocess (quant_pre_process: symbolic shape inference,
@@ -135,7 +135,8 @@ class _Reader(CalibrationDataReader):
         return next(self._feeds, None)
 
 
-def prepare(source: Path, variant: str, work: Path, samples: list[np.ndarray]) -> Path:
+def prepare(source: Path, variant: str, work: Path, samples: list[np.ndarray],
+            per_channel: bool = False) -> Path:
     """Fold and/or preprocess `source` as `variant` says, then quantize it (QDQ, int8)."""
     stem = f"{source.stem}.{variant.replace('+', '_')}"
     current = source
@@ -153,7 +154,7 @@ def prepare(source: Path, variant: str, work: Path, samples: list[np.ndarray]) -
     name, _ = input_spec(source)
     quantize_static(str(current), str(out), _Reader(name, samples), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    per_channel=False)
+                    per_channel=per_channel)
     return out
 
 
@@ -218,11 +219,12 @@ def accuracy(reference: ort.InferenceSession, candidate: ort.InferenceSession, n
             "agree": agree / len(inputs)}
 
 
-def measure(source: Path, work: Path, samples: int, runs: int, evals: int) -> dict:
+def measure(source: Path, work: Path, samples: int, runs: int, evals: int,
+            per_channel: bool = False) -> dict:
     name, shape = input_spec(source)
     calibration = random_inputs(shape, samples, seed=1)
     held_out = random_inputs(shape, evals, seed=2)
-    quantized = {v: prepare(source, v, work, calibration) for v in VARIANTS}
+    quantized = {v: prepare(source, v, work, calibration, per_channel) for v in VARIANTS}
     reference = session(source)
     sessions, rows = {"float": reference}, {}
     for variant, path in quantized.items():
@@ -274,13 +276,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--runs", type=int, default=500, help="timed runs per variant (500)")
     parser.add_argument("--eval", type=int, default=256, dest="evals",
                         help="held-out inputs for the accuracy columns (256)")
+    parser.add_argument("--per-channel", action="store_true",
+                        help="quantize weights per output channel (default: per tensor)")
     args = parser.parse_args(argv)
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer's advice to preprocess, per model
     print(f"onnxruntime {ort.__version__}, onnx {onnx.__version__}, bnfold {bnfold.__version__}; "
-          f"{args.samples} calibration samples, {args.runs} runs, {args.evals} eval inputs")
+          f"{args.samples} calibration samples, {args.runs} runs, {args.evals} eval inputs, "
+          f"weights per {'channel' if args.per_channel else 'tensor'}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        results = {label: measure(path, work, args.samples, args.runs, args.evals)
+        results = {label: measure(path, work, args.samples, args.runs, args.evals,
+                                  args.per_channel)
                    for label, path in models(work).items()}
     print_table(results)
     return results

@@ -96,3 +96,34 @@ def test_pass_benchmark_models_are_valid_and_do_what_they_claim(bench_passes, va
     else:
         _, report = fold(model)
         assert len(report.folded) == 6 and not report.kept
+
+
+@pytest.fixture(scope="module")
+def bench_quantize():
+    path = _SCRIPT.with_name("bench_quantize.py")
+    spec = importlib.util.spec_from_file_location("bench_quantize", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+@pytest.mark.parametrize("model", ["gemm", "keras"])
+def test_quantize_benchmark_folded_int8_model_runs_as_one_integer_chain(bench_quantize, tmp_path,
+                                                                          model):
+    # The README's "Before quantizing": the quantizer leaves a BN (a BatchNormalization node, or
+    # Keras's Sub/Mul/Add) in float between DequantizeLinear and QuantizeLinear; after fold and
+    # preprocess, onnxruntime runs the int8 model with one quantize at the input and one
+    # dequantize at the output.
+    source = (bench_quantize.make_gemm_bn(tmp_path / "gemm_bn.onnx") if model == "gemm"
+              else bench_quantize.REPO / "models" / "mlp_keras.onnx")
+    rows = bench_quantize.measure(source, tmp_path, samples=8, runs=3, evals=8)
+    bn_ops = {"BatchNormalization"} if model == "gemm" else {"Sub", "Mul"}
+    assert bn_ops <= set(rows["orig"]["run_float"])
+    assert rows["orig"]["run_qdq"] > 2
+    assert rows["fold+pre"]["run_float"] == {}
+    assert rows["fold+pre"]["run_qdq"] == 2
+    for variant in bench_quantize.VARIANTS:
+        assert 0 < rows[variant]["mean_diff"] < 0.1  # quantized: near the float model, not equal
+        assert rows[variant]["p50_us"] > 0
