@@ -20,6 +20,7 @@ and models/cnn_conv_bn_relu.onnx (torch: Conv-BN-ReLU x2, Linear-BN1d-ReLU, Line
 Columns:
 - nodes, QDQ:   nodes of the quantized file, and how many of them are QuantizeLinear/DequantizeLinear
 - bn-ops:       BatchNormalization, Sub, Mul, Add, Div, Cast nodes in the quantized file
+                (a Keras Dense's bias Add is counted too)
 - run float:    float compute nodes left in onnxruntime's optimized graph (default optimizations:
                 the graph a session actually runs, saved with optimized_model_filepath): any node
                 that is not an integer kernel (QLinear*, QGemm, ...), not a Q/DQ and not a pure
