@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from bnfold.errors import BadInput, write_failure
+from bnfold.errors import BadInput, Stopped, write_failure
 from bnfold.graph import is_external
 from bnfold.paths import Target, identity, name_max, resolve, truncate
 from bnfold.serialize import write_model
@@ -90,21 +90,25 @@ class Stage:
         self.written: Written | None = None
         # Made while no commit here runs (they sweep unlocked folders), and locked while this
         # process lives: a later run sweeps the folder only once this one died.
-        with _directory_lock(self.target.directory), _signals_held():
-            try:
-                self.folder = tempfile.mkdtemp(prefix=_PREFIX, dir=self.target.directory)
-            except OSError as err:
-                raise write_failure(err, self.target.given, self.target.directory) from None
-            try:
-                self._lock_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with _directory_lock(self.target.directory), _signals_held():
                 try:
-                    fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:  # no flock here: then no run sweeps here either
-                    pass
-                os.mkdir(os.path.join(self.folder, _MODEL_DIR))
-            except OSError as err:
-                self.close()
-                raise write_failure(err, self.target.given, self.target.directory) from None
+                    self.folder = tempfile.mkdtemp(prefix=_PREFIX, dir=self.target.directory)
+                except OSError as err:
+                    raise write_failure(err, self.target.given, self.target.directory) from None
+                try:
+                    self._lock_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+                    try:
+                        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError:  # no flock here: then no run sweeps here either
+                        pass
+                    os.mkdir(os.path.join(self.folder, _MODEL_DIR))
+                except OSError as err:
+                    self.close()
+                    raise write_failure(err, self.target.given, self.target.directory) from None
+        except BaseException:  # a signal held while the folder was made arrives here
+            self.close()
+            raise
         self.path = os.path.join(self.folder, _MODEL_DIR, self.target.name)
         self._tmp_data = _tmp_name(self.data_name, os.path.basename(self.folder)[len(_PREFIX):],
                                    name_max(self.target.directory))
@@ -454,7 +458,28 @@ def _signals_held() -> Iterator[None]:
         yield
         return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    _held.append(True)
     try:
         yield
     finally:
+        _held.pop()
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if not _held and _deferred:  # arrived through another thread meanwhile
+            signum = _deferred[0]
+            _deferred.clear()
+            raise Stopped(signum)
+
+
+# Blocking a signal in the main thread does not keep it from another thread (onnxruntime's):
+# there the C handler takes it and Python runs the handler in the main thread, within the block.
+_held: list[bool] = []
+_deferred: list[int] = []
+
+
+def defer_if_held(signum: int) -> bool:
+    """For a signal handler that raises `Stopped`: inside a held block, note the signal (it is
+    raised when the block ends) and say so."""
+    if _held:
+        _deferred.append(signum)
+        return True
+    return False

@@ -6,15 +6,17 @@ collect dead constants -> report. Rules live in `bnfold.rules`; this module only
 
 from __future__ import annotations
 
-import math
+import os
 
 import onnx
 from onnx import helper
 
+from bnfold import changes
 from bnfold.affine import Affine, bn_affine, cast_to, set_inference_mode, training_reason
 from bnfold.errors import BadInput, one_line
 from bnfold.graph import (MIN_OPSET, GraphView, NameAllocator, Scope, default_opset, infer_shapes,
                           is_external, remove_where)
+from bnfold.io import model_argument
 from bnfold.nodes import attr, display_name, graphs, subgraphs
 from bnfold.report import Decision, FoldReport, ModelStats
 from bnfold.rules import RULES
@@ -26,12 +28,13 @@ from bnfold.rules.plan import Plan, Rewriter, Spill, fill
 _RULE_REACH = 3
 
 
-def fold(model: onnx.ModelProto, *, base_dir: str | None = None,
+def fold(model: onnx.ModelProto | str | os.PathLike, *, base_dir: str | None = None,
          allow_initializer_inputs: bool = False, training_to_inference: bool = False,
          lower_standalone: bool = False, inplace: bool = False,
          spill: bool | None = None) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every batch norm of `model` that can be folded exactly; keep the others, with reasons.
 
+    `model`: a ModelProto or a path (loaded by `bnfold.load`; BadInput if it cannot be).
     Returns the folded model and a `FoldReport`. `model` is left untouched unless `inplace`.
     When nothing is folded or lowered (`report.changed` is False), the model is returned
     exactly as it was, with a "nothing to fold" note. Models of opset 1..6 with batch norms
@@ -40,15 +43,17 @@ def fold(model: onnx.ModelProto, *, base_dir: str | None = None,
     `spill`: write new weights to a scratch file (removed at exit) instead of memory, for
     `bnfold.save` to stream; the default spills for models whose weights are on disk.
     """
+    model, base_dir, loaded = model_argument(model, base_dir)
     original, report = model, FoldReport(before=model_stats(model))
     opset = default_opset(model)
     if opset < MIN_OPSET:
         upgraded = _upgrade(model, opset, report)
         if upgraded is None:
-            return _unchanged(original, inplace, report)
+            return _unchanged(original, inplace or loaded, report)
         model, report.upgraded_from = upgraded, opset
-    elif not inplace:
+    elif not (inplace or loaded):
         model = _copy(model)
+    first = changes.snapshot(model)
     switched = 0
     if training_to_inference:
         switched, dropped = _to_inference_mode(model)
@@ -59,17 +64,33 @@ def fold(model: onnx.ModelProto, *, base_dir: str | None = None,
     # No-op Casts go only if something folds: a model with nothing to fold stays as it was.
     before_casts = _snapshot(model)
     report.removed_casts = remove_noop_casts(model, run.types)
+    cast_free = changes.snapshot(model)
     run.fold_graph(model.graph, None, "main")
     report.changed = bool(report.folded or report.lowered or switched)
     if not report.changed:
         upgraded, report.removed_casts, report.upgraded_from = report.upgraded_from, 0, None
         if upgraded is not None:  # the input as it was, not its conversion
-            return _unchanged(original, inplace, report)
+            return _unchanged(original, inplace or loaded, report)
         _restore(model, before_casts)  # `model` is the input, or already a copy of it
         return _unchanged(model, True, report)
+    rewritten = changes.snapshot(model)
     run.collect_garbage()
     report.after = model_stats(model)
+    _report_changes(report, [first, cast_free, rewritten, changes.snapshot(model)])
     return model, report
+
+
+def _report_changes(report: FoldReport, snapshots: list) -> None:
+    """Decisions in graph order; the other nodes the pass removed, by why: between the
+    snapshots taken before and after removing no-op Casts, the folds, and collecting dead
+    constants."""
+    order = changes.graph_order(snapshots[0])
+    report.decisions.sort(key=lambda d: order.get((d.graph, d.node), len(order)))
+    batch_norms = {(d.graph, n) for d in report.decisions for n in [d.node, *d.nodes]}
+    whys = ["no-op", "merged into a layer", "unused after folding"]
+    for why, before, after in zip(whys, snapshots, snapshots[1:]):
+        report.removed += changes.removed_nodes(before, after, why, batch_norms)
+    report.removed.sort(key=lambda r: order.get((r.graph, r.name), len(order)))
 
 
 def upgrade(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -112,8 +133,12 @@ def _unchanged(model: onnx.ModelProto, inplace: bool, report: FoldReport
                ) -> tuple[onnx.ModelProto, FoldReport]:
     """`model` as it was (a copy unless `inplace`), with the note saying why."""
     report.changed, report.after = False, report.before
+    order = changes.graph_order(changes.snapshot(model))
+    report.decisions.sort(key=lambda d: order.get((d.graph, d.node), len(order)))
     if not report.decisions:
         why = "no batch norm in the model"
+        if model.producer_name.startswith("pytorch"):
+            why += " (torch's exporter already fuses Conv+BN in eval mode)"
     elif any(d.action == "kept" for d in report.decisions):
         why = "every batch norm kept"
     else:
@@ -163,15 +188,9 @@ def to_inference_mode(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def model_stats(model: onnx.ModelProto) -> ModelStats:
-    """Node and parameter counts, subgraphs included; reads no tensor data."""
-    nodes = parameters = 0
-    for graph in graphs(model.graph):
-        nodes += len(graph.node)
-        parameters += sum(math.prod(t.dims) for t in graph.initializer)
-        for node in graph.node:
-            if node.op_type == "Constant":
-                parameters += sum(math.prod(a.t.dims) for a in node.attribute if a.name == "value")
-    return ModelStats(nodes=nodes, parameters=parameters)
+    """Node counts (by op type too) and parameter count, subgraphs included; reads no tensor
+    data."""
+    return changes.census(model)
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -308,7 +327,8 @@ class _FoldRun:
                 Rewriter(view, self.names, self.touched, self.dropped, spill).apply(result)
                 self.report.decisions.append(Decision(
                     node=aff.name, action="folded", direction=result.direction,
-                    into=display_name(result.into), graph=path, op=aff.op))
+                    into=display_name(result.into), graph=path, op=aff.op,
+                    nodes=[display_name(n) for n in aff.nodes], note=_one_channel(aff)))
                 del result  # its new weights are in the model now: not twice in memory
                 progress = True
             view.refresh()
@@ -318,8 +338,10 @@ class _FoldRun:
             action = "kept"
             if self.lower_standalone and aff is not None and op == "BatchNormalization":
                 action = "lowered" if self._lower(view, aff) else "kept"
-            self.report.decisions.append(Decision(node=name, action=action, reason=reason,
-                                                  graph=path, op=op))
+            self.report.decisions.append(Decision(
+                node=name, action=action, reason=reason, graph=path, op=op,
+                nodes=[display_name(n) for n in aff.nodes] if aff is not None else [name],
+                note=_one_channel(aff)))
         view.refresh()
         for node in graph.node:  # (lowering only added names no subgraph can read)
             for attr_name, sub in subgraphs(node):
@@ -416,6 +438,14 @@ class _FoldRun:
         for graph in all_graphs:
             remove_where(graph.value_info,
                          lambda v: v.name in self.dropped and v.name not in produced)
+
+
+def _one_channel(aff: Affine | None) -> str | None:
+    """A warning for a BatchNormalization with one channel: a single scale and shift for all
+    features, most likely a normalised axis of size 1 (Keras's axis=1 on [batch, 1, F])."""
+    if aff is None or aff.op != "BatchNormalization" or aff.scale.size != 1:
+        return None
+    return "one channel: a single scale and shift for every feature (an axis of size 1?)"
 
 
 def _is_pure(node: onnx.NodeProto) -> bool:

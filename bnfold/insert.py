@@ -18,6 +18,8 @@ graph and feeds them back. `bnfold fold --training-to-inference` turns it back.
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import asdict, dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import Any
@@ -28,7 +30,9 @@ from onnx import helper, numpy_helper
 
 from bnfold.dense import DENSE_OPS, Layer, find_layers
 from bnfold.errors import BadInput, VerificationFailed, one_line
-from bnfold.graph import FLOAT_TYPES, MIN_OPSET, NameAllocator, default_opset, rename_all
+from bnfold.graph import (FLOAT_TYPES, MIN_OPSET, NameAllocator, default_opset, infer_shapes,
+                          rename_all)
+from bnfold.io import model_argument
 from bnfold.report import VerifyReport
 from bnfold.verify import verify
 
@@ -55,14 +59,21 @@ class Insertion:
     node: str  # the BatchNormalization node
     params: dict[str, str]  # gamma, beta, mean, var -> initializer name
     transpose: list[int] | None = None  # perm of the Transpose pair around the BN (rank >= 3)
+    axis: int | None = None  # the axis of the layer's output the BN normalises (non-negative)
+    channels: int | None = None  # its size: the BN's parameter count (features, by default)
     running_outputs: list[str] = field(default_factory=list)  # graph outputs (training mode)
     note: str | None = None
 
     def describe(self) -> str:
         where = "its output" if self.follows == "layer" else f"its {self.follows}"
         text = f"{self.layer} ({self.op}, {self.features} features): {self.node} after {where}"
+        if self.channels is not None and self.channels != self.features:
+            text += f"; normalises axis {self.axis} ({self.channels} channels)"
         if self.transpose is not None:
-            text += (f"; features are the last axis of a rank-{len(self.transpose)} output, so the "
+            text += (f"; the axis is not axis 1 of a rank-{len(self.transpose)} output, so the "
+                     f"BN sits between Transpose {self.transpose} and its inverse (exact)"
+                     if self.axis != len(self.transpose) - 1 else
+                     f"; features are the last axis of a rank-{len(self.transpose)} output, so the "
                      f"BN sits between Transpose {self.transpose} and its inverse (exact)")
         if self.running_outputs:
             text += f"; running statistics in outputs {', '.join(self.running_outputs)}"
@@ -130,15 +141,17 @@ class _Settings:
     identity: bool
     training: bool
     before_activation: bool
+    axis: int | None = None  # of the layer's output; None: its feature axis
 
 
-def insert(model: onnx.ModelProto, *, after=(), ops=(), all_layers: bool = False,
-           before_activation: bool = False, epsilon: float | None = None,
+def insert(model: onnx.ModelProto | str | os.PathLike, *, after=(), ops=(),
+           all_layers: bool = False, before_activation: bool = False, epsilon: float | None = None,
            momentum: float | None = None, preset: str = "keras", gamma: float = 1.0,
            beta: float = 0.0, mean: float = 0.0, var: float = 1.0, training: bool = False,
-           identity: bool = False, base_dir: str | None = None
+           identity: bool = False, base_dir: str | None = None, axis: int | None = None
            ) -> tuple[onnx.ModelProto, InsertReport]:
-    """Put a BatchNormalization after each selected layer; never mutates `model`.
+    """Put a BatchNormalization after each selected layer; never mutates `model` (a ModelProto
+    or a path, loaded by `bnfold.load`).
 
     Selection: `after` names or globs (fnmatch) over layer names, `ops` (restricts the layers to
     these ops; alone, selects all of them; needed for Conv/ConvTranspose), `all_layers`.
@@ -147,10 +160,14 @@ def insert(model: onnx.ModelProto, *, after=(), ops=(), all_layers: bool = False
     `training`: the ONNX training-mode form (opset >= 15, upgrading the model when older): BN
     with training_mode=1 whose updated running statistics are graph outputs. `identity`:
     parameters making each BN exactly the identity in inference mode, checked with onnxruntime
-    (raises VerificationFailed when not). The report names the BNs' trainable tensors and state.
+    (raises VerificationFailed when not). `axis`: the axis of the layer's output to normalise
+    (Keras's `BatchNormalization(axis=...)`; negative counts from the end; default: the
+    features, -1 for Dense and 1 for Conv); a BN with one channel gets a note. The report names
+    the BNs' trainable tensors and state.
     """
-    settings = _settings(preset, epsilon, momentum, gamma, beta, mean, var, identity, training,
-                         before_activation)
+    model, base_dir, _ = model_argument(model, base_dir)
+    settings = replace(_settings(preset, epsilon, momentum, gamma, beta, mean, var, identity,
+                                 training, before_activation), axis=axis)
     opset = default_opset(model)
     if opset < MIN_OPSET:
         raise BadInput(f"opset {opset} is not supported (bnfold needs opset >= {MIN_OPSET})")
@@ -182,6 +199,9 @@ def insert(model: onnx.ModelProto, *, after=(), ops=(), all_layers: bool = False
             raise VerificationFailed(f"the inserted identity BatchNormalization changed the "
                                      f"model's outputs: {failure}")
     result, report.insertions = _rewrite(model, chosen, settings)
+    report.notes += [f"note: {i.node} has one channel: axis {i.axis} of {i.layer}'s output has "
+                     f"size 1, so one mean, variance, scale and shift serve all its values"
+                     for i in report.insertions if i.channels == 1]
     return result, report
 
 
@@ -198,10 +218,11 @@ def _select(layers: list[Layer], *, after=(), ops=(), all_layers: bool = False) 
         raise BadInput(f"no layer selected (name one, or use an op or all); layers: {_names(pool)}")
     chosen: set[int] = set()
     for pattern in after:
-        hits = [layer for layer in pool if layer.name == pattern]
+        hits = _position(pattern, pool)
+        hits = hits if hits is not None else [layer for layer in pool if layer.name == pattern]
         hits = hits or [layer for layer in pool if fnmatchcase(layer.name, pattern)]
         if not hits:
-            raise BadInput(f"no layer matches '{pattern}'; layers: {_names(pool)}")
+            raise BadInput(f"no layer matches '{pattern}'; {_forms(pool)}")
         chosen.update(id(layer) for layer in hits)
     return [layer for layer in pool if id(layer) in chosen]
 
@@ -243,6 +264,26 @@ def _check(layer: Layer) -> None:
     if layer.dtype not in FLOAT_TYPES:
         kind = onnx.TensorProto.DataType.Name(layer.dtype) if layer.dtype else "unknown"
         raise BadInput(f"{where}: element type {kind} cannot be batch-normalized")
+
+
+def _position(pattern: str, pool: list[Layer]) -> list[Layer] | None:
+    """'#N': the N-th layer in graph order, counting from 1 (as `inspect` numbers them); None
+    when `pattern` is not of that form (a layer may be named '#2': its name wins)."""
+    match = re.fullmatch(r"#([0-9]+)", pattern)
+    if match is None or any(layer.name == pattern for layer in pool):
+        return None
+    n = int(match[1])
+    return [pool[n - 1]] if 1 <= n <= len(pool) else []
+
+
+def _forms(pool: list[Layer]) -> str:
+    """The layers and the forms that select them, for an error."""
+    names = [layer.name for layer in pool]
+    common = os.path.commonprefix(names)
+    glob = f"a glob ('{common}*'), " if common and len(names) > 1 else "a glob, "
+    last = f" to '#{len(pool)}'" if len(pool) > 1 else ""
+    return (f"layers: {_names(pool)} (select by name, {glob}or position in graph order: "
+            f"'#1'{last}, as `bnfold inspect` numbers them)")
 
 
 def _names(layers: list[Layer]) -> str:
@@ -302,6 +343,7 @@ def _rewrite(model: onnx.ModelProto, layers: list[Layer], settings: _Settings
     chains: dict[int, list[onnx.NodeProto]] = {}
     renames: dict[str, str] = {}  # a layer's output -> its BN's, for every other reader
     insertions = []
+    shapes = infer_shapes(out)[0] if settings.axis is not None else {}
     for layer in layers:
         use_activation = layer.activation is not None and not settings.before_activation
         anchor = layer.activation.output[0] if use_activation else layer.output
@@ -309,6 +351,7 @@ def _rewrite(model: onnx.ModelProto, layers: list[Layer], settings: _Settings
         insertion = Insertion(layer=layer.name, op=layer.op, features=layer.out_features,
                               follows=layer.activation_op if use_activation else "layer",
                               input=anchor, output="", node="", params={})
+        insertion.axis, insertion.channels = _bn_axis(layer, settings.axis, shapes)
         if layer.batchnorm:
             insertion.note = f"{layer.batchnorm} already follows it"
         if anchor in graph_outputs:  # the BN's result takes the graph output's name
@@ -331,12 +374,33 @@ def _rewrite(model: onnx.ModelProto, layers: list[Layer], settings: _Settings
     return out, insertions
 
 
+def _bn_axis(layer: Layer, axis: int | None, shapes: dict) -> tuple[int, int]:
+    """The axis of the layer's output the BN normalises (non-negative) and its size."""
+    feature_axis = layer.rank - 1 if layer.channel_last else 1
+    if axis is None:
+        return feature_axis, layer.out_features
+    where = f"--axis {axis}: layer {layer.name}'s output has rank {layer.rank}"
+    if not -layer.rank <= axis < layer.rank:
+        raise BadInput(f"{where}; choose an axis from 1 to {layer.rank - 1} (or negative)")
+    index = axis % layer.rank
+    if index == 0:
+        raise BadInput(f"{where}; axis 0 is the batch axis, which batch norm averages over")
+    if index == feature_axis:
+        return index, layer.out_features
+    shape = shapes.get(layer.output)
+    size = shape[index] if shape is not None and len(shape) == layer.rank else None
+    if not isinstance(size, int):
+        raise BadInput(f"{where}; the size of axis {index} is not known (a fixed size is "
+                       f"needed: it is the BN's channel count)")
+    return index, size
+
+
 def _chain(layer: Layer, x: str, y: str | None, insertion: Insertion, names: NameAllocator,
            settings: _Settings, model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The nodes computing y = BN(x) on the layer's feature axis (y None: a fresh name); adds
     their initializers (and the running-statistics outputs) to the graph, fills `insertion`."""
     graph, base = model.graph, layer.name
-    features, dtype = layer.out_features, layer.dtype
+    features, dtype = insertion.channels, layer.dtype
     var = _identity_var(settings.epsilon, dtype)[0] if settings.identity else settings.var
     values = {"gamma": settings.gamma, "beta": settings.beta, "mean": settings.mean, "var": var}
     np_type = helper.tensor_dtype_to_np_dtype(dtype)
@@ -359,8 +423,9 @@ def _chain(layer: Layer, x: str, y: str | None, insertion: Insertion, names: Nam
                                      names(f"{base}/bn.running_var")]
         graph.output.extend(helper.make_tensor_value_info(n, dtype, [features])
                             for n in insertion.running_outputs)
-    if layer.channel_last and layer.rank > 2:
-        insertion.transpose = [0, layer.rank - 1] + list(range(1, layer.rank - 1))
+    if insertion.axis != 1:  # ONNX BN normalises axis 1: move the axis there and back
+        insertion.transpose = [0, insertion.axis] + [i for i in range(1, layer.rank)
+                                                     if i != insertion.axis]
 
     insertion.node = bn_name = names(f"{base}/BatchNormalization")
     nodes = []

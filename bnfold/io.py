@@ -87,9 +87,29 @@ def data_name(model: onnx.ModelProto) -> str | None:
     return max(plain, key=lambda n: counts[n]) if plain else None
 
 
+def model_argument(model, base_dir: str | os.PathLike | None = None
+                   ) -> tuple[onnx.ModelProto, str | os.PathLike | None, bool]:
+    """A model the API was given: a ModelProto as it is, or a path loaded with `load` (its
+    external data left on disk, read from the model's folder unless `base_dir`). Returns the
+    model, its base_dir and whether it was loaded here (so nobody else holds it). BadInput for
+    anything else."""
+    if isinstance(model, onnx.ModelProto):
+        return model, base_dir, False
+    if isinstance(model, (str, os.PathLike)):
+        loaded = load(model)
+        return loaded, base_dir or os.path.dirname(os.path.abspath(os.fspath(model))), True
+    raise BadInput(f"expected an onnx.ModelProto or a path to a model, not "
+                   f"{type(model).__name__}")
+
+
+INPUT_PREFIX = "input__"
+
+
 def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The arrays of an .npz archive (name -> array), for `verify(inputs=...)`; BadInput, naming
-    the file, for anything that is not an archive of plain numeric arrays."""
+    the file, for anything that is not an archive of plain numeric arrays. An archive with keys
+    `input__NAME` (as models/*.npz, which also hold expected outputs) gives those arrays as the
+    inputs NAME, and nothing else."""
     path = os.fspath(path)
     _check_regular(path, "inputs ")
     if os.path.getsize(path) == 0:
@@ -115,6 +135,9 @@ def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
                                f"({one_line(err)})") from None
     if not arrays:
         raise BadInput(f"inputs {path}: the archive holds no arrays")
+    if any(name.startswith(INPUT_PREFIX) for name in arrays):  # models/*.npz: inputs and more
+        return {name[len(INPUT_PREFIX):]: array for name, array in arrays.items()
+                if name.startswith(INPUT_PREFIX)}
     return arrays
 
 

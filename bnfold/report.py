@@ -20,39 +20,69 @@ class Decision:
     reason: str | None = None  # why it was kept (or lowered)
     graph: str = "main"  # "main", or the path of a subgraph: "main/If_0:then_branch"
     op: str = "BatchNormalization"  # or "affine" for Sub/Mul/Add/Div chains
+    nodes: list[str] = field(default_factory=list)  # the nodes it is made of (a chain's several)
+    note: str | None = None  # a warning that does not stop the fold, e.g. "1 channel"
 
     def describe(self) -> str:
         where = "" if self.graph == "main" else f" [{self.graph}]"
         if self.action == "folded":
-            return f"folded   {self.node}{where} {self.direction} into {self.into}"
+            text = f"folded   {self.node}{where} {self.direction} into {self.into}"
+            return text + (f" (note: {self.note})" if self.note else "")
+        note = f" (note: {self.note})" if self.note else ""
         if self.action == "lowered":
-            return f"lowered  {self.node}{where} to Mul+Add ({self.reason})"
-        return f"kept     {self.node}{where}: {self.reason}"
+            return f"lowered  {self.node}{where} to Mul+Add ({self.reason}){note}"
+        return f"kept     {self.node}{where}: {self.reason}{note}"
 
 
 @dataclass
 class OutputComparison:
-    """Agreement of one graph output between a reference and a candidate model."""
+    """Agreement of one graph output between the original (reference) and a candidate model.
+
+    max_abs/max_rel/needed_* compare the two models directly. ``criterion`` says what decided:
+    "exact" (integer, bool, string outputs), "close" (within ``bound`` = 8 ulps of the original),
+    "accuracy" (``e_cand`` <= ``bound`` = K * (``e_orig`` + ``allowance``) + 8 ulps, errors
+    against the float64 reference, for the worst draw and channel, ``worst``), "tolerance" (the
+    given atol/rtol), "scaled tolerance" (no float64 reference: atol raised to what the
+    original's own rounding needs, ``e_orig`` its estimate) or "shape" (the shapes differ).
+    """
 
     name: str
     dtype: str
     shape: list[int]
     max_abs: float
     max_rel: float
-    atol: float
-    rtol: float
+    atol: float | None  # None when "close" or "accuracy" decided
+    rtol: float | None
     passed: bool
     # The smallest atol (with rtol as given) and the smallest rtol (with atol as given) that pass.
     needed_atol: float
     needed_rtol: float
     note: str | None = None  # e.g. "shape mismatch", "NaN in candidate only"
+    criterion: str = "tolerance"
+    e_orig: float | None = None  # max |original - float64 reference| (worst draw)
+    e_cand: float | None = None  # max |candidate - float64 reference|
+    allowance: float | None = None  # output movement from 1 ulp of the rewritten weights
+    bound: float | None = None  # what e_cand (accuracy) or max_abs (close) had to stay within
+    worst: str | None = None  # where the accuracy figures are from: "draw 2, channel 3 (axis 1)"
 
     def describe(self) -> str:
         verdict = "ok" if self.passed else "FAILED"
-        text = (
-            f"{self.name} ({self.dtype} {self.shape}): max abs {self.max_abs:.3g}, "
-            f"max rel {self.max_rel:.3g} (atol {self.atol:g}, rtol {self.rtol:g}) {verdict}"
-        )
+        text = f"{self.name} ({self.dtype} {self.shape}): max abs {self.max_abs:.3g}"
+        if self.criterion == "accuracy":
+            text += (f"; error vs float64: candidate {self.e_cand:.3g}, original "
+                     f"{self.e_orig:.3g}, bound {self.bound:.3g}")
+            if self.allowance:
+                text += f" (rounding allowance {self.allowance:.3g})"
+            if not self.passed and self.worst:
+                text += f" at {self.worst}"
+            text += f" {verdict}"
+        elif self.criterion == "close":
+            text += f" (within {self.bound:.3g}, 8 ulps) {verdict}"
+        else:
+            text += (f", max rel {self.max_rel:.3g} (atol {self.atol:g}, rtol {self.rtol:g})"
+                     f" {verdict}")
+            if self.criterion == "scaled tolerance":
+                text += f" [no float64 reference; original's rounding ~{self.e_orig:.3g}]"
         return text + (f" - {self.note}" if self.note else "")
 
 
@@ -95,6 +125,7 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)  # draws skipped, why regions were checked
     regions: list[RegionCheck] = field(default_factory=list)
     error: str | None = None  # why the candidate failed outright: it cannot load or run
+    reference: str | None = None  # which float64 reference ran (or why none)
 
     @property
     def passed(self) -> bool:
@@ -109,6 +140,7 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "method": self.method, "inputs": self.inputs,
                 "runs": self.runs, "error": self.error, "notes": list(self.notes),
+                "reference": self.reference,
                 "outputs": [_comparison_dict(o) for o in self.outputs],
                 "regions": [r.to_dict() for r in self.regions]}
 
@@ -117,6 +149,8 @@ class VerifyReport:
         lines = [f"{head} ({self.method}) on {self.inputs}"]
         if self.error:
             lines.append(f"  {self.error}")
+        if self.reference:
+            lines.append(f"  reference: {self.reference}")
         lines += ["  " + o.describe() for o in self.outputs]
         for region in self.regions:
             lines += ["  " + line for line in region.describe()]
@@ -139,9 +173,23 @@ def _json_number(value):
 class ModelStats:
     nodes: int
     parameters: int  # number of elements in initializers and Constant nodes
+    ops: dict[str, int] = field(default_factory=dict)  # nodes by op type ("domain.op" if not ONNX's)
+    size: int | None = None  # bytes of the model file and its data files, when it is a file
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class RemovedNode:
+    """A node other than a batch norm that the pass removed: a no-op Cast, a bias Add merged
+    into its layer, a constant the folds left unread."""
+
+    op: str
+    name: str  # display name: the node's name, or its first output
+    graph: str = "main"
+    why: str = ""  # "no-op" (a Cast to its input's type), "merged into a layer" (a bias Add
+    # the fold took into the layer's bias), "unused after folding" (a constant left unread)
 
 
 @dataclass
@@ -154,6 +202,7 @@ class FoldReport:
     removed_casts: int = 0
     verification: VerifyReport | None = None
     notes: list[str] = field(default_factory=list)
+    removed: list[RemovedNode] = field(default_factory=list)  # non-BN nodes removed, graph order
     # False when nothing was folded, lowered or switched to inference mode: the model is
     # returned exactly as it was
     changed: bool = False
@@ -184,10 +233,19 @@ class FoldReport:
             "after": self.after.to_dict() if self.after else None,
             "verification": self.verification.to_dict() if self.verification else None,
             "notes": list(self.notes),
+            "removed": [asdict(r) for r in self.removed],
+            "why_unchanged": self.why_unchanged(),
         }
+
+    def why_unchanged(self) -> str | None:
+        """The one line saying why nothing was folded (the "nothing to fold: ..." note); None
+        when something was."""
+        return next((n for n in self.notes if n.startswith("nothing to fold: ")), None)
 
     def to_text(self) -> str:
         lines = [d.describe() for d in self.decisions]
+        if self.removed:
+            lines.append(f"removed {len(self.removed)} other nodes: {_grouped(self.removed)}")
         summary = f"{len(self.folded)} folded, {len(self.kept)} kept"
         if self.lowered:
             summary += f", {len(self.lowered)} lowered"
@@ -198,14 +256,44 @@ class FoldReport:
             lines.append(f"opset {self.upgraded_from} converted to opset 7 (onnx's version "
                          f"converter) to fold")
         if self.before and self.after and self.changed:
-            lines.append(
-                f"nodes {self.before.nodes} -> {self.after.nodes}, "
-                f"parameters {self.before.parameters} -> {self.after.parameters}"
-            )
+            lines += _changes_table(self.before, self.after)
         lines += self.notes
         if self.verification is not None:
             lines.append(self.verification.to_text())
         return "\n".join(lines)
+
+
+def _grouped(removed: list[RemovedNode]) -> str:
+    """"3 Cast (no-op Cast), 2 Constant (unused after folding)": counted by op and why."""
+    counts: dict[tuple[str, str], int] = {}
+    for r in removed:
+        counts[(r.op, r.why)] = counts.get((r.op, r.why), 0) + 1
+    return ", ".join(f"{n} {op}" + (f" ({why})" if why else "")
+                     for (op, why), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _changes_table(before: ModelStats, after: ModelStats) -> list[str]:
+    """before -> after: nodes, those of each op type whose count changed (BN and Cast always,
+    when present), parameters, file size (when both are files)."""
+    ops = sorted(set(before.ops) | set(after.ops))
+    shown = [op for op in ops if before.ops.get(op, 0) != after.ops.get(op, 0)
+             or op in ("BatchNormalization", "Cast")]
+    rows = [("nodes", str(before.nodes), str(after.nodes))]
+    rows += [("  " + op, str(before.ops.get(op, 0)), str(after.ops.get(op, 0))) for op in shown]
+    rows.append(("parameters", str(before.parameters), str(after.parameters)))
+    if before.size is not None and after.size is not None:
+        rows.append(("file size", _bytes(before.size), _bytes(after.size)))
+    widths = [max(len(r[i]) for r in [("", "before", "after"), *rows]) for i in range(3)]
+    return [f"  {a.ljust(widths[0])}  {b.rjust(widths[1])} -> {c.rjust(widths[2])}"
+            for a, b, c in [("", "before", "after"), *rows]]
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
 
 
 def summary(values) -> dict[str, float]:

@@ -940,4 +940,6 @@ def test_the_issue_commands_through_bnfold_main(tmp_path):
     missing = runner.invoke(main, ["insert", str(path), "-o", str(tmp_path / "x.onnx"),
                                    "--after", "dense_3"])
     assert missing.exit_code == 2
-    assert missing.output == "bnfold: error: no layer matches 'dense_3'; layers: dense_1, dense_2\n"
+    assert missing.output == ("bnfold: error: no layer matches 'dense_3'; layers: dense_1, dense_2 "
+                              "(select by name, a glob ('dense_*'), or position in graph order: "
+                              "'#1' to '#2', as `bnfold inspect` numbers them)\n")

@@ -66,9 +66,10 @@ def test_table_of_a_torch_export(torch_mlp):
     ]
     text = report.to_text().splitlines()
     assert text[0] == "layers: 3"
-    assert text[1].split() == ["layer", "op", "in", "out", "activation", "batch", "norm"]
-    assert text[2].split() == ["/0/Gemm", "Gemm", "6", "8", "Relu", "-"]
-    assert text[3].split() == ["/2/Gemm", "Gemm", "8", "4", "-", "after:", "/3/BatchNormalization"]
+    assert text[1].split() == ["#", "layer", "op", "in", "out", "activation", "batch", "norm"]
+    assert text[2].split() == ["#1", "/0/Gemm", "Gemm", "6", "8", "Relu", "-"]
+    assert text[3].split() == ["#2", "/2/Gemm", "Gemm", "8", "4", "-", "after:",
+                               "/3/BatchNormalization"]
     assert text[5] == "batch norms: 1"
     assert text[7].split() == ["/3/BatchNormalization", "BatchNormalization", "yes", "backward",
                                "into", "/2/Gemm"]
@@ -90,7 +91,8 @@ def test_json_has_layers_and_verdicts(torch_mlp):
     data = inspect(torch_mlp).to_dict()
     assert [row["name"] for row in data["layers"]] == ["/0/Gemm", "/2/Gemm", "/5/Gemm"]
     assert data["layers"][0] == {
-        "name": "/0/Gemm", "op": "Gemm", "node": "/0/Gemm", "output": "/0/Gemm_output_0",
+        "position": 1, "name": "/0/Gemm", "op": "Gemm", "node": "/0/Gemm",
+        "output": "/0/Gemm_output_0",
         "in_features": 6, "out_features": 8, "rank": 2, "bias": None, "activation": "Relu",
         "activation_node": "/1/Relu", "batchnorm": None, "batchnorm_before": None}
     (bn,) = data["batchnorms"]
@@ -114,7 +116,10 @@ def test_cli_prints_the_table_and_writes_json(torch_mlp, tmp_path):
     result = CliRunner().invoke(inspect_command, [str(path), "--json", str(json_path)])
     assert result.exit_code == 0, result.output
     assert result.output == inspect(torch_mlp).to_text() + "\n"
-    assert json.loads(json_path.read_text()) == inspect(torch_mlp).to_dict()
+    written = json.loads(json_path.read_text())  # the report after the run's head (docs/JSON.md)
+    expected = inspect(torch_mlp).to_dict()
+    assert {k: written[k] for k in expected} == expected
+    assert written["command"] == "inspect" and written["input"] == str(path)
 
 
 def test_cli_json_on_stdout(torch_mlp, tmp_path):

@@ -43,3 +43,13 @@ def test_ci_runs_the_readme_test_command():
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert install in ci and test in ci
     assert ci.index(install) < ci.index(test)
+
+
+def test_readme_fold_output_is_ignored_by_git():
+    from fnmatch import fnmatch
+
+    args = shlex.split(readme_commands()[0].split(" && ", 1)[1])
+    output = args[args.index("-o") + 1]
+    assert "/" not in output  # in the checkout's top folder
+    patterns = [line.strip() for line in (ROOT / ".gitignore").read_text().splitlines()]
+    assert any(p.startswith("/") and fnmatch(output, p[1:]) for p in patterns), output

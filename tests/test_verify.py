@@ -165,16 +165,20 @@ def test_interface_mismatch_is_bad_input(candidate, message):
         verify(_matmul(), candidate)
 
 
-def test_half_precision_outputs_use_their_own_tolerances():
+def test_half_precision_outputs_use_their_own_ulps():
+    # Changed by issue 7: the default check no longer uses onnxruntime's op-test tolerances but
+    # the output dtype's ulps (and, past them, a float64 reference; see test_check.py).
     fp16 = _matmul(W.astype(np.float16), elem_type=TensorProto.FLOAT16)
-    [out] = verify(fp16, fp16).outputs
-    magnitude = max(np.abs(run(fp16, random_inputs(fp16, draw=d))["y"].astype(np.float64)).max()
-                    for d in (0, 1))
-    assert out.dtype == "float16" and out.rtol == 1e-3
-    assert out.atol == pytest.approx(2.5e-3 * max(1.0, magnitude))  # scaled by the output's size
+    x = {"x": np.random.default_rng(0).standard_normal((5, 3)).astype(np.float16)}
+    [out] = verify(fp16, fp16, inputs=x).outputs
+    magnitude = np.abs(run(fp16, x)["y"].astype(np.float64)).max()
+    assert out.dtype == "float16" and out.criterion == "close" and out.passed
+    assert out.bound == 8 * 2.0 ** (np.floor(np.log2(magnitude)) - 10)  # 8 ulps of float16
+    [out] = verify(fp16, fp16, inputs=x, atol=1e-3).outputs  # given: the old tolerance test
+    assert out.criterion == "tolerance" and out.rtol == 1e-3 and out.atol == 1e-3
     bf16 = _unary("Identity", TensorProto.BFLOAT16)
     [out] = verify(bf16, bf16).outputs
-    assert out.passed and out.dtype == "bfloat16" and out.rtol == 1e-2
+    assert out.passed and out.dtype == "bfloat16" and out.criterion == "close"
     assert run(bf16, {"x": np.array([1.5, -2], ml_dtypes.bfloat16)})["y"].tolist() == [1.5, -2]
 
 

@@ -29,6 +29,7 @@ def main() -> None:
     Results are checked with onnxruntime before they are written.
 
     Exit codes: 0 success, 1 verification failed, 2 bad input or usage.
+    3: a batch norm was kept (fold --strict).
 
     Stopped by a signal: 130 (SIGINT, Ctrl-C) or 143 (SIGTERM), temporary files removed.
     Outputs are written under temporary names, then renamed into place: whatever fails,

@@ -7,7 +7,7 @@ import os
 import click
 
 from bnfold.artifacts import LOSSES, OPTIMIZERS, training_artifacts
-from bnfold.cli.common import Command, emit, progress_reporter, reads_of
+from bnfold.cli.common import Command, RunInfo, emit, progress_reporter, reads_of
 from bnfold.io import load
 
 
@@ -27,7 +27,8 @@ from bnfold.io import load
               help="Also freeze the trainable tensors matching this glob (repeatable).")
 @click.option("--force", is_flag=True,
               help="Write into a DIR that is not empty, replacing the artifacts in it.")
-@click.option("--json", "json_path", metavar="PATH", help="Also write the report as JSON.")
+@click.option("--json", "json_path", metavar="PATH",
+              help="Also write the report as JSON ('-': to stdout).")
 @click.option("-q", "--quiet", is_flag=True, help="Print errors only.")
 def artifacts_command(input_path: str, directory: str, loss: str, optimizer: str,
                       logits: str | None, freeze: tuple[str, ...], force: bool,
@@ -43,17 +44,25 @@ def artifacts_command(input_path: str, directory: str, loss: str, optimizer: str
     Needs onnxruntime-training, in its own environment (it replaces onnxruntime). After
     training, export the model with Module.export_model_for_inferencing(PATH, OUTPUTS), then
     `bnfold fold PATH`.
+
+    \b
+    Example:
+      bnfold artifacts model.bn.onnx -o artifacts --loss cross-entropy
     """
+    run = RunInfo("artifacts", input=input_path, output=directory,
+                  steps={"load": None, "artifacts": None})
     paths = reads_of()
     paths.read("MODEL", input_path)
     paths.write("--json", json_path)
     progress = progress_reporter(quiet)
     # Unchecked: onnx's checker may be older than the model's IR; the trainer's copy is checked.
-    model = load(input_path, check=False, progress=progress)
+    with run.step("load"):
+        model = load(input_path, check=False, progress=progress)
     paths = reads_of(("MODEL", input_path, model))
     paths.write("--json", json_path)
     progress("generating")
-    report = training_artifacts(model, directory, loss=loss, optimizer=optimizer, logits=logits,
-                                freeze=freeze, force=force,
-                                base_dir=os.path.dirname(os.path.abspath(input_path)))
-    emit(report, json_path, quiet, paths.inputs)
+    with run.step("artifacts"):
+        report = training_artifacts(model, directory, loss=loss, optimizer=optimizer,
+                                    logits=logits, freeze=freeze, force=force,
+                                    base_dir=os.path.dirname(os.path.abspath(input_path)))
+    emit(report, json_path, quiet, paths.inputs, run)

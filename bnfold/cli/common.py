@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -16,11 +17,17 @@ from dataclasses import dataclass, field
 import click
 import onnx
 
-from bnfold.commit import data_file, write_file
+from bnfold.commit import data_file, defer_if_held, write_file
 from bnfold.errors import BadInput, BnfoldError, Stopped, VerificationFailed, one_line
 from bnfold.io import data_name, external_files, load, load_inputs
 from bnfold.paths import identity, resolve
 from bnfold.report import FoldReport, VerifyReport
+
+
+EXIT_STRICT = 3  # fold --strict: a batch norm was kept
+
+
+SCHEMA_VERSION = 1  # of the JSON reports (docs/JSON.md, docs/report.schema.json)
 
 
 class Failure(click.ClickException):
@@ -44,10 +51,31 @@ class ReportsErrors:
                     stop = Stopped(signal.SIGINT)
                 click.echo(f"bnfold: {stop}", err=True)
                 raise click.exceptions.Exit(stop.exit_code) from None
-            except (BnfoldError, OSError) as err:
+            except click.exceptions.Exit:
+                raise
+            except Exception as err:
+                stop = _stopped_within(err)
+                if stop is not None:  # e.g. a signal during `import onnxruntime`, which
+                    click.echo(f"bnfold: {stop}", err=True)  # wraps it in an ImportError
+                    raise click.exceptions.Exit(stop.exit_code) from None
+                if not isinstance(err, (BnfoldError, OSError)):
+                    raise
                 failure = Failure(one_line(err))
                 failure.exit_code = 1 if isinstance(err, VerificationFailed) else 2
                 raise failure from err
+
+
+def _stopped_within(err: BaseException) -> Stopped | None:
+    """The `Stopped` an exception was raised from or during, if any."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, Stopped):
+            return err
+        if isinstance(err, KeyboardInterrupt):
+            return Stopped(signal.SIGINT)
+        seen.add(id(err))
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    return None
 
 
 class Command(ReportsErrors, click.Command):
@@ -63,7 +91,8 @@ def _signals_stop() -> Iterator[None]:
         return
 
     def stop(signum, frame):
-        raise Stopped(signum)
+        if not defer_if_held(signum):
+            raise Stopped(signum)
 
     previous = {}
     for signum, default in ((signal.SIGINT, signal.default_int_handler),
@@ -83,9 +112,14 @@ def verify_options(command: Callable) -> Callable:
         click.option("--inputs", metavar="FILE.npz",
                      help="Compare on these inputs (name -> array) instead of random ones."),
         click.option("--dim", "dims", multiple=True, metavar="NAME=VALUE",
-                     help="Size of a symbolic input dimension (repeatable)."),
-        click.option("--atol", type=float, help="Absolute tolerance [default: by dtype]."),
-        click.option("--rtol", type=float, help="Relative tolerance [default: by dtype]."),
+                     help="Size of a symbolic input dimension, in every draw (repeatable) "
+                          "[default: draw 1, distinct primes 2, 3, 5, ... that no dimension of "
+                          "the model has; draw 2, 1]."),
+        click.option("--atol", type=float,
+                     help="Pass when |B - A| <= atol + rtol * |A| everywhere, instead of the "
+                          "default test (B as accurate as A against a float64 evaluation of A)."),
+        click.option("--rtol", type=float,
+                     help="Relative tolerance of that test (the one not given: by dtype)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the random inputs."),
         click.option("--runs", type=click.IntRange(min=1), default=2, show_default=True,
@@ -113,11 +147,15 @@ def parse_dims(specs: tuple[str, ...]) -> dict[str, int] | None:
 
 
 def exit_failed(verification: VerifyReport, quiet: bool, outcome: str) -> None:
+    report_failed(verification, quiet, outcome)
+    click.get_current_context().exit(1)
+
+
+def report_failed(verification: VerifyReport, quiet: bool, outcome: str) -> None:
     click.echo(f"bnfold: verification failed, {outcome}", err=True)
     if quiet:  # the report was not printed, but errors always are
         for failure in verification.failures:
             click.echo("  " + failure.describe(), err=True)
-    click.get_current_context().exit(1)
 
 
 def progress_reporter(quiet: bool) -> Callable[[str], None]:
@@ -254,10 +292,13 @@ def _refuse_hard_links(input_path: str, model: onnx.ModelProto, base_dir: str) -
                            f"one (the others keep the old content): write with -o instead")
 
 
-def emit(report, json_path: str | None, quiet: bool, protect: list[str] = ()) -> None:
-    """The report: as text on stderr (unless quiet), as JSON to `json_path` ('-': stdout)."""
+def emit(report, json_path: str | None, quiet: bool, protect: list[str] = (),
+         run: RunInfo | None = None) -> None:
+    """The report: as text on stderr (unless quiet), as JSON to `json_path` ('-': stdout),
+    after `run`'s fields (docs/JSON.md)."""
     if json_path:
-        write_json(report.to_dict(), json_path, protect)
+        write_json({**run.to_dict(), **report.to_dict()} if run else report.to_dict(),
+                   json_path, protect)
     if not quiet:
         click.echo(report.to_text(), err=True)
 
@@ -274,3 +315,71 @@ def note_written(report: FoldReport, written) -> None:
     """Add what the commit said (data file kept under another name...) to the report."""
     if written is not None:
         report.notes.extend(f"note: {note}" for note in written.notes)
+
+
+def model_size(path: str, model: onnx.ModelProto, base_dir: str) -> int:
+    """Bytes of a model file and of the data files it reads."""
+    return os.path.getsize(path) + sum(os.path.getsize(f) for f in external_files(model, base_dir)
+                                       if os.path.exists(f))
+
+
+def written_size(written) -> int | None:
+    """Bytes of what a commit wrote: the model file and its data file."""
+    if written is None:
+        return None
+    size = os.path.getsize(written.path)
+    if written.data:
+        size += os.path.getsize(os.path.join(os.path.dirname(os.path.abspath(written.path)),
+                                             written.data))
+    return size
+
+
+# --- what every JSON report starts with ----------------------------------------------------------
+
+def versions() -> dict[str, str]:
+    """bnfold's, onnx's and onnxruntime's versions. onnxruntime is not imported for it (a
+    command that runs no check never loads it): its version is its distribution's."""
+    from bnfold import __version__
+    return {"bnfold": __version__, "onnx": onnx.__version__, "onnxruntime": _onnxruntime()}
+
+
+def _onnxruntime() -> str:
+    if "onnxruntime" in sys.modules:
+        return sys.modules["onnxruntime"].__version__
+    from importlib import metadata
+    for dist in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-training",
+                 "onnxruntime-training-cpu", "onnxruntime-directml", "onnxruntime-openvino"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    import onnxruntime
+    return onnxruntime.__version__
+
+
+@dataclass
+class RunInfo:
+    """The head of a command's JSON report: schema version, versions, the paths read and
+    written, seconds per step (docs/JSON.md)."""
+
+    command: str
+    input: str | None = None
+    output: str | None = None
+    extra: dict = field(default_factory=dict)  # e.g. verify's "candidate"
+    steps: dict[str, float | None] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.steps[name] = (self.steps.get(name) or 0.0) + time.perf_counter() - start
+
+    def to_dict(self) -> dict:
+        timings = {name: None if s is None else round(s, 6) for name, s in self.steps.items()}
+        timings["total"] = round(time.perf_counter() - self.started, 6)
+        return {"schema_version": SCHEMA_VERSION, "command": self.command,
+                "versions": versions(), "input": self.input, "output": self.output,
+                **self.extra, "timings": timings}

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 import click
 import onnx
 
-from bnfold.cli.common import (Command, emit, exit_failed, load_job, note_written, parse_dims,
-                               verify_options)
+from bnfold.cli.batch import model_files, plan_outputs, run_batch
+from bnfold.cli.common import (EXIT_STRICT, Command, RunInfo, emit, load_job, model_size,
+                               note_written, parse_dims, report_failed, verify_options,
+                               written_size)
 from bnfold.commit import staged
+from bnfold.errors import BadInput
 from bnfold.fold import fold, to_inference_mode, upgrade
 from bnfold.io import load
 from bnfold.rules.plan import scratch_directory
@@ -17,8 +23,13 @@ from bnfold.verify import verify
 
 
 @click.command("fold", cls=Command)
-@click.argument("input_path", metavar="INPUT")
+@click.argument("input_paths", metavar="INPUT...", nargs=-1, required=True)
 @click.option("-o", "--output", metavar="OUTPUT", help="Where to write the folded model.")
+@click.option("--output-dir", metavar="OUT",
+              help="Several models (files, or folders of .onnx files): write each to OUT under "
+                   "its own file name (OUT is created; its parent must exist).")
+@click.option("--jobs", type=int, default=1, show_default=True, metavar="N",
+              help="Several models: fold them in N worker processes.")
 @click.option("--in-place", is_flag=True, help="Overwrite INPUT (and its data file, keeping its name).")
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime equivalence check.")
 @verify_options
@@ -30,13 +41,17 @@ from bnfold.verify import verify
               help="Switch training-mode BN to inference mode, then fold them.")
 @click.option("--lower-standalone", is_flag=True,
               help="Replace BN that cannot be folded with Mul+Add.")
-def fold_command(input_path: str, output: str | None, in_place: bool, no_verify: bool,
+@click.option("--strict", is_flag=True,
+              help=f"Exit {EXIT_STRICT} if any batch norm is kept (the output is written all "
+                   f"the same), for a pipeline that requires every BN folded.")
+def fold_command(input_paths: tuple[str, ...], output: str | None, output_dir: str | None,
+                 jobs: int, in_place: bool, no_verify: bool,
                  inputs: str | None, dims: tuple[str, ...], atol: float | None,
                  rtol: float | None, seed: int, runs: int, verbose: bool, json_path: str | None,
                  quiet: bool, force: bool,
                  dry_run: bool, allow_initializer_inputs: bool, training_to_inference: bool,
-                 lower_standalone: bool) -> None:
-    """Fold the batch norms of INPUT into their neighbouring layers.
+                 lower_standalone: bool, strict: bool) -> None:
+    """Fold the batch norms of INPUT (or of each INPUT) into their neighbouring layers.
 
     Batch norms are BatchNormalization nodes and the Sub/Mul/Add/Div chains by per-channel
     constants that Keras and other exporters write; no-op Casts are removed when something
@@ -45,10 +60,68 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
     OUTPUT is written only if onnxruntime finds that it computes the same outputs as INPUT
     (or with --no-verify or --force). When nothing folds, OUTPUT is a copy of INPUT, written
     without a check. Models of opset 1..6 with batch norms are converted to opset 7 first.
+
+    Several models (files, or folders standing for the .onnx files in them) are folded in one
+    run with --output-dir, in this process or in --jobs N workers; each report is printed,
+    --json gets one summary, and the exit code is the worst of the models' (2, then 1, then 3).
+
+    \b
+    Examples:
+      bnfold fold model.onnx -o model.folded.onnx
+      bnfold fold model.onnx -o model.folded.onnx --inputs data.npz --json report.json
+      bnfold fold model.onnx --dry-run --strict      # CI: exit 3 if a batch norm stays
     """
-    sizes = parse_dims(dims)
-    job = load_job(input_path, output, in_place, dry_run, json_path, quiet, inputs)
+    options = FoldOptions(no_verify=no_verify, inputs=inputs, dims=parse_dims(dims), atol=atol,
+                          rtol=rtol, seed=seed, runs=runs, verbose=verbose, force=force,
+                          dry_run=dry_run,
+                          allow_initializer_inputs=allow_initializer_inputs,
+                          training_to_inference=training_to_inference,
+                          lower_standalone=lower_standalone, strict=strict)
+    if len(input_paths) == 1 and not os.path.isdir(input_paths[0]) and output_dir is None:
+        code = fold_file(input_paths[0], output, in_place, options, json_path, quiet)
+    else:
+        if output is not None:
+            raise BadInput("several models: -o names one output; give --output-dir OUT")
+        files = model_files(input_paths)
+        outputs = plan_outputs(files, output_dir, in_place, dry_run)
+        code = run_batch(files, outputs, in_place, options, json_path, quiet, jobs)
+    if code:
+        click.get_current_context().exit(code)
+
+
+@dataclass
+class FoldOptions:
+    """What `bnfold fold` is asked to do to each model, but where it reads and writes."""
+
+    no_verify: bool = False
+    inputs: str | None = None
+    dims: dict[str, int] | None = None
+    atol: float | None = None
+    rtol: float | None = None
+    seed: int = 0
+    runs: int = 1
+    verbose: bool = False
+    force: bool = False
+    dry_run: bool = False
+    allow_initializer_inputs: bool = False
+    training_to_inference: bool = False
+    lower_standalone: bool = False
+    strict: bool = False
+
+
+def fold_file(input_path: str, output: str | None, in_place: bool, options: FoldOptions,
+              json_path: str | None, quiet: bool, summary: list | None = None) -> int:
+    """Fold one model file, print (and write) its report; the exit code (0, 1 verification
+    failed, 3 --strict and a batch norm kept). Bad input raises BnfoldError (exit 2).
+    `summary`: a list to append the report's JSON to (batch runs)."""
+    run = RunInfo("fold", input=input_path,
+                  steps={"load": None, "fold": None, "save": None, "check": None})
+    with run.step("load"):
+        job = load_job(input_path, output, in_place, options.dry_run, json_path, quiet,
+                       options.inputs)
+    run.output = job.output
     progress = job.progress
+    input_size = model_size(input_path, job.model, job.base_dir)
     progress("folding")
     had_external_data = any(t.data_location == onnx.TensorProto.EXTERNAL
                             for t in job.model.graph.initializer)
@@ -60,37 +133,65 @@ def fold_command(input_path: str, output: str | None, in_place: bool, no_verify:
             stack.enter_context(scratch_directory(stage.folder, job.output))
         # New weights wait on disk for `save` to stream them: in the output's stage folder,
         # or (a dry run of a model with external data) in TMPDIR.
-        folded, report = fold(job.model, base_dir=job.base_dir, inplace=True,  # not used again
-                              spill=True if stage else None,
-                              allow_initializer_inputs=allow_initializer_inputs,
-                              training_to_inference=training_to_inference,
-                              lower_standalone=lower_standalone)
+        with run.step("fold"):
+            folded, report = fold(job.model, base_dir=job.base_dir, inplace=True,  # not used again
+                                  spill=True if stage else None,
+                                  allow_initializer_inputs=options.allow_initializer_inputs,
+                                  training_to_inference=options.training_to_inference,
+                                  lower_standalone=options.lower_standalone)
+        report.before.size = input_size
         if stage is None:
-            emit(report, json_path, quiet, job.reads)
-            return
-        if not report.changed:  # nothing to check: OUTPUT is INPUT as it was
-            _write_unchanged(stage, report, input_path, folded, job.base_dir, had_external_data)
-        else:
-            progress("saving")
-            stage.save(folded, base_dir=job.base_dir, external_data=had_external_data or None)
-        if report.changed and not no_verify:
+            _emit(report, run, json_path, quiet, job.reads, summary)
+            return _strict_code(report, options.strict)
+        with run.step("save"):
+            if not report.changed:  # nothing to check: OUTPUT is INPUT as it was
+                _write_unchanged(stage, report, input_path, folded, job.base_dir,
+                                 had_external_data)
+            else:
+                progress("saving")
+                stage.save(folded, base_dir=job.base_dir,
+                           external_data=had_external_data or None)
+        if report.changed and not options.no_verify:
             progress("verifying")
-            reference = input_path
-            if report.upgraded_from is not None:  # onnxruntime cannot run BN-6: compare with
-                reference = upgrade(load(input_path, check=False))  # onnx's conversion
-            if training_to_inference:  # the reference is the original as it runs in inference
-                reference = to_inference_mode(load(input_path, check=False)
-                                              if isinstance(reference, str) else reference)
-            report.verification = verify(reference, stage.path, inputs=inputs, dims=sizes,
-                                         atol=atol, rtol=rtol, seed=seed, runs=runs,
-                                         base_dir=job.base_dir, verbose=verbose)
-            if not report.verification.passed and not force:
+            with run.step("check"):
+                reference = input_path
+                if report.upgraded_from is not None:  # onnxruntime cannot run BN-6: compare
+                    reference = upgrade(load(input_path, check=False))  # with onnx's conversion
+                if options.training_to_inference:  # the original as it runs in inference
+                    reference = to_inference_mode(load(input_path, check=False)
+                                                  if isinstance(reference, str) else reference)
+                report.verification = verify(reference, stage.path, inputs=options.inputs,
+                                             dims=options.dims, atol=options.atol,
+                                             rtol=options.rtol, seed=options.seed,
+                                             runs=options.runs, base_dir=job.base_dir,
+                                             verbose=options.verbose)
+            if not report.verification.passed and not options.force:
                 stage.discard()
+        committing = time.perf_counter()
+    run.steps["save"] += time.perf_counter() - committing  # the commit: renames into place
     note_written(report, stage.written)
-    emit(report, json_path, quiet, job.reads)
+    report.after.size = written_size(stage.written)
+    _emit(report, run, json_path, quiet, job.reads, summary)
     if report.verification and not report.verification.passed:
-        done = f"written to {job.output} anyway (--force)" if force else "nothing written"
-        exit_failed(report.verification, quiet, done)
+        done = f"written to {job.output} anyway (--force)" if options.force else "nothing written"
+        report_failed(report.verification, quiet, done)
+        return 1
+    return _strict_code(report, options.strict)
+
+
+def _emit(report, run: RunInfo, json_path, quiet, protect, summary: list | None) -> None:
+    emit(report, json_path, quiet, protect, run)
+    if summary is not None:
+        summary.append({**run.to_dict(), **report.to_dict()})
+
+
+def _strict_code(report, strict: bool) -> int:
+    """--strict: a kept batch norm fails the run (exit 3), after the report."""
+    if strict and report.kept:
+        names = ", ".join(d.node for d in report.kept)
+        click.echo(f"bnfold: --strict: {len(report.kept)} batch norm(s) kept: {names}", err=True)
+        return EXIT_STRICT
+    return 0
 
 
 def _write_unchanged(stage, report, input_path: str, model: onnx.ModelProto, base_dir: str,

@@ -7,7 +7,7 @@ import os
 
 import click
 
-from bnfold.cli.common import Command, reads_of, write_json
+from bnfold.cli.common import Command, RunInfo, reads_of, write_json
 from bnfold.inspect import inspect
 from bnfold.io import load
 
@@ -21,18 +21,30 @@ from bnfold.io import load
               help="Also write the report as JSON ('-': only JSON, on stdout).")
 def inspect_command(model_path: str, ops: tuple[str, ...], json_path: str | None) -> None:
     """List the Dense layers of MODEL (op, features, activation, batch norm around them) and
-    say, for each batch norm, whether `bnfold fold` can fold it and why not."""
+    say, for each batch norm, whether `bnfold fold` can fold it and why not.
 
+    Layers are numbered in graph order: `bnfold insert --after '#2'` selects the second.
+
+    \b
+    Examples:
+      bnfold inspect model.onnx
+      bnfold inspect model.onnx --op Conv --json -
+    """
+
+    run = RunInfo("inspect", input=model_path, steps={"load": None, "inspect": None})
     paths = reads_of()
     paths.read("MODEL", model_path)
     paths.write("--json", json_path)
-    model = load(model_path)
+    with run.step("load"):
+        model = load(model_path)
     paths = reads_of(("MODEL", model_path, model))
     paths.write("--json", json_path)
-    report = inspect(model, ops=ops, base_dir=os.path.dirname(os.path.abspath(model_path)))
+    with run.step("inspect"):
+        report = inspect(model, ops=ops, base_dir=os.path.dirname(os.path.abspath(model_path)))
+    data = {**run.to_dict(), **report.to_dict()} if json_path else None
     if json_path == "-":
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(json.dumps(data, indent=2))
         return
     if json_path:
-        write_json(report.to_dict(), json_path, paths.inputs)
+        write_json(data, json_path, paths.inputs)
     click.echo(report.to_text())

@@ -8,8 +8,11 @@ cannot run is skipped; one the reference runs and the candidate cannot fails the
 draw runs at all, each rewritten region is cut out of both models and checked alone
 (`regions.py`); a region that cannot be run either means the check cannot be done: BadInput.
 
-An output passes when ``|a - b| <= atol + rtol * |b|`` everywhere, in float64, with ``b`` the
-reference. NaN against NaN and inf against inf of the same sign agree.
+Whether an output passes is criterion.py's: within 8 ulps of the reference model, or as
+accurate as it against its float64 evaluation (reference.py); with atol/rtol given,
+``|a - b| <= atol + rtol * |b|`` (compare.py). NaN against NaN and inf against inf of the same
+sign agree. One session at a time: each model runs on every draw, then is freed; the float64
+reference and the one-ulp runs come after, only when the criterion asks for them.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import onnx
 from bnfold.errors import BadInput
 from bnfold.report import OutputComparison, VerifyReport
 from bnfold.verify.compare import compare
+from bnfold.verify.criterion import Sources, Unavailable, judge
+from bnfold.verify.perturb import rewritten, with_perturbed
+from bnfold.verify.reference import float64_runs
 from bnfold.verify.inputs import (CannotDraw, Draw, InputMaker, Value, check_same_interface,
                                   given_feeds, interface, read_model)
 from bnfold.verify.regions import check_regions
@@ -50,7 +56,8 @@ def verify(
     which are drawn ``runs`` times with seeds ``seed, seed + 1, ...`` (draw 1: symbolic dims
     fresh primes, floats standard normal; draw 2: dims 1, floats in 0..255; then again);
     ``dims`` sizes their symbolic dimensions. ``atol``/``rtol`` replace the defaults (by dtype,
-    see ``compare.TOLERANCES``) for every output. ``base_dir`` is where in-memory models keep
+    see ``compare.TOLERANCES``) for every output: the tolerance test replaces the default
+    criterion. ``base_dir`` is where in-memory models keep
     their external data. ``verbose`` lets onnxruntime's own log lines through to stderr.
 
     A mismatch, or a candidate that fails where the reference runs, gives a report that did not
@@ -130,29 +137,98 @@ def check_runs(reference: Model, candidate: Model, *, ref_dir, cand_dir, inputs,
                 inputs=draw.description, notes=notes, runs=len(results) + 1,
                 error=f"the candidate fails on inputs the reference runs on: {err}")
     del cand_session
-    return VerifyReport(outputs=compare_outputs(ref.outputs, list(zip(original, results)),
-                                                atol, rtol),
-                        inputs=described, runs=len(draws), notes=notes)
+    sources = _sources(reference, candidate, ref_dir, cand_dir, [d.feeds for d in draws],
+                       verbose)
+    outputs, reference_text = compare_outputs(ref.outputs, list(zip(original, results)),
+                                              atol, rtol, sources)
+    return VerifyReport(outputs=outputs, inputs=described, runs=len(draws), notes=notes,
+                        reference=reference_text)
 
 
 def compare_outputs(outputs: list[Value], results: list[tuple[dict, dict]],
-                    atol: float | None, rtol: float | None) -> list[OutputComparison]:
-    """One comparison per tensor output, over all draws; a sequence output is compared element
-    by element ("name[i]"), an optional one where both hold a value."""
-    comparisons = []
+                    atol: float | None, rtol: float | None,
+                    sources: Sources | None = None) -> tuple[list[OutputComparison], str]:
+    """One comparison per tensor output, over all draws (criterion.py), and which reference
+    ran; a sequence output is compared element by element ("name[i]"), an optional one where
+    both hold a value. Without ``sources``, no float64 reference (the scaled tolerances)."""
+    comparisons, keys, mismatches = [], [], {}
+    flat = [({}, {}) for _ in results]
     for out in outputs:
-        pairs: dict[str, list] = {}
-        mismatch = None
-        for r, c in results:
+        for (r, c), (fr, fc) in zip(results, flat):
             for key, a, b, why in _flatten(out.name, r[out.name], c[out.name]):
                 if why:
-                    mismatch = mismatch or (key, why)
+                    mismatches.setdefault(out.name, (key, out.type, why))
                 else:
-                    pairs.setdefault(key, []).append((a, b))
-        if mismatch:
-            comparisons.append(_mismatch(mismatch[0], out.type, mismatch[1]))
-        comparisons += [compare(key, items, atol, rtol) for key, items in pairs.items()]
-    return comparisons
+                    if key not in keys:
+                        keys.append(key)
+                    fr[key], fc[key] = a, b
+    # A key (a sequence element) missing from some draw is compared on the draws it is in.
+    complete = [k for k in keys if all(k in fr for fr, _ in flat)]
+    partial = [k for k in keys if k not in complete]
+    judged, described = judge(complete, [fr for fr, _ in flat], [fc for _, fc in flat],
+                              sources or _no_sources(), atol, rtol)
+    by_key = {o.name: o for o in judged}
+    for k in partial:
+        by_key[k] = compare(k, [(fr[k], fc[k]) for fr, fc in flat if k in fr], atol, rtol)
+    for out in outputs:
+        if out.name in mismatches:
+            comparisons.append(_mismatch(*mismatches[out.name]))
+        comparisons += [by_key[k] for k in keys if k == out.name or k.startswith(out.name + "[")]
+    return comparisons, described
+
+
+def _sources(reference: Model, candidate: Model, ref_dir, cand_dir, feed_sets,
+             verbose: bool) -> Sources:
+    """The runs the criterion may ask for, each built only then, one session at a time."""
+    def proto(model: Model, base_dir) -> tuple[onnx.ModelProto, str]:
+        if isinstance(model, onnx.ModelProto):
+            return model, "" if base_dir is None else os.fspath(base_dir)
+        return read_model(model), os.path.dirname(os.path.abspath(os.fspath(model)))
+
+    def runs(model: onnx.ModelProto, folder: str) -> list[dict]:
+        try:
+            runner = load_session(model, folder or None, verbose=verbose)
+            return [_flat_outputs(run_session(runner, feeds)) for feeds in feed_sets]
+        except RunFailed as err:
+            raise Unavailable(str(err)) from None
+
+    def float64():
+        model, folder = proto(reference, ref_dir)
+        outputs, described = float64_runs(model, folder or None, feed_sets, verbose)
+        return [_flat_outputs(o) for o in outputs], described
+
+    def perturbed_candidate():
+        (original, original_dir), (model, folder) = (proto(reference, ref_dir),
+                                                     proto(candidate, cand_dir))
+        names = rewritten(original, original_dir, model, folder)
+        if not names:
+            return None
+        try:
+            return runs(with_perturbed(model, names, folder, 0), folder)
+        except Unavailable:
+            return None  # no allowance: the test without it decides
+
+    def perturbed_original():
+        model, folder = proto(reference, ref_dir)
+        return runs(with_perturbed(model, None, folder, 0), folder)
+
+    return Sources(float64, perturbed_candidate, perturbed_original)
+
+
+def _no_sources() -> Sources:
+    def none():
+        raise Unavailable("not asked for")
+    return Sources(none, lambda: None, none)
+
+
+def _flat_outputs(outputs: dict) -> dict:
+    """Outputs by name, sequences and maps element by element as ``compare_outputs`` keys them."""
+    flat = {}
+    for name, value in outputs.items():
+        for key, a, _, why in _flatten(name, value, value):
+            if not why:
+                flat[key] = a
+    return flat
 
 
 def _flatten(name: str, a, b):

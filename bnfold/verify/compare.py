@@ -1,4 +1,6 @@
-"""The comparison of one output: |a - b| <= atol + rtol * |b| in float64, NaN and inf agreeing."""
+"""The tolerance test of one output: |a - b| <= atol + rtol * |b| in float64, NaN and inf
+agreeing. It decides when the user gives atol/rtol, for exact (integer) outputs, and when no
+float64 reference exists (criterion.py); it also gives every report its direct figures."""
 
 from __future__ import annotations
 

@@ -61,33 +61,43 @@ def set_verbose(verbose: bool) -> None:
 
 
 def session(model: Model, base_dir: str | os.PathLike | None, role: str, *,
-            verbose: bool = False):
-    """An unoptimised CPU session; BadInput with onnxruntime's whole message if it cannot load."""
+            verbose: bool = False, initializers: Mapping[str, np.ndarray] | None = None):
+    """An unoptimised CPU session; BadInput with onnxruntime's whole message if it cannot load.
+
+    ``initializers`` (name -> array, kept alive by the caller) give the values of the model's
+    placeholder tensors without copying them into its bytes."""
     try:
-        return load_session(model, base_dir, verbose=verbose)
+        return load_session(model, base_dir, verbose=verbose, initializers=initializers)
     except RunFailed as err:
         raise BadInput(f"onnxruntime cannot load the {role}: {err}") from None
 
 
-def load_session(model: Model, base_dir: str | os.PathLike | None, *, verbose: bool = False):
+def load_session(model: Model, base_dir: str | os.PathLike | None, *, verbose: bool = False,
+                 initializers: Mapping[str, np.ndarray] | None = None):
     """As `session`, raising RunFailed (or BadInput for a missing base_dir)."""
     ort = _ort()
     set_verbose(verbose)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = _WARNINGS if verbose else _QUIET
+    given = dict(initializers or {})
     try:
+        if given:
+            options.add_external_initializers(list(given),
+                                              [_ort_value(a) for a in given.values()])
         if isinstance(model, onnx.ModelProto):
-            return _session_from_proto(model, base_dir, options)
+            return _session_from_proto(model, base_dir, options, set(given))
         # By path, onnxruntime finds external data itself, however large the model.
         return ort.InferenceSession(os.fspath(model), options, providers=_PROVIDERS)
     except (*_ort_errors(), OSError) as err:
         raise RunFailed(message(err)) from None
 
 
-def _session_from_proto(model: onnx.ModelProto, base_dir: str | os.PathLike | None, options):
+def _session_from_proto(model: onnx.ModelProto, base_dir: str | os.PathLike | None, options,
+                        given: set[str] = frozenset()):
     ort = _ort()
-    external = any(t.data_location == TensorProto.EXTERNAL for t in tensors(model))
+    external = any(t.data_location == TensorProto.EXTERNAL and t.name not in given
+                   for t in tensors(model))
     if external and base_dir is None:
         raise BadInput("a model keeps tensors in external data files: base_dir is needed")
     if model.ByteSize() <= _PROTOBUF_LIMIT:
