@@ -28,6 +28,7 @@ from bnfold.cli import main
 from bnfold.errors import BadInput
 from bnfold.fold import to_inference_mode
 from builders import GraphBuilder
+from tests.test_json_report import assert_valid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED_MLP = os.path.join(ROOT, "models", "mlp_keras.onnx")
@@ -454,6 +455,10 @@ def test_cli_writes_a_calibrated_model_and_a_json_report(tmp_path):
     assert result.exit_code == 0, result.output
     assert "3 calibrated, 0 skipped" in result.output and "3 passes" in result.output
     written = json.loads(report.read_text())
+    assert_valid(written)  # docs/report.schema.json
+    assert (written["command"], written["input"], written["output"], written["data_path"]) == (
+        "calibrate", str(path), str(out), str(data))
+    assert set(written["timings"]) == {"load", "calibrate", "save", "total"}
     assert written["passes"] == 3 and written["calibrated"] == 3
     assert written["bns"][2]["new_var"]["min"] > 1
     assert_statistics(onnx.load(out), reference_statistics(seed_mlp_inserted(), seed_data()))

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from bnfold.cli import main
 from tests.builders import keras_mlp
 
-COMMANDS = ["fold", "verify", "inspect", "insert", "artifacts"]
+COMMANDS = sorted(main.commands)
 
 
 def help_of(command: str) -> str:
@@ -50,6 +50,15 @@ def test_help_examples_run(tmp_path, monkeypatch):
             args = shlex.split(example)[1:]
             result = CliRunner().invoke(main, args)  # its BN folds: --strict passes too
             assert result.exit_code == 0, (example, result.output)
+    # calibrate's examples: on the model with batch norms the insert example wrote
+    data = np.random.default_rng(1).standard_normal((64, 5)).astype(np.float32)
+    np.savez("samples.npz", x=data)
+    (tmp_path / "samples").mkdir()
+    np.savez("samples/part1.npz", x=data[:32])
+    np.savez("samples/part2.npz", x=data[32:])
+    for example in examples("calibrate"):
+        result = CliRunner().invoke(main, shlex.split(example)[1:])
+        assert result.exit_code == 0, (example, result.output)
 
 
 @pytest.mark.parametrize("command", ["fold", "verify"])

@@ -9,7 +9,7 @@ from contextlib import ExitStack
 import click
 
 from bnfold.calibrate import METHODS, calibrate
-from bnfold.cli.common import Command, Paths, emit, load_job, note_written
+from bnfold.cli.common import Command, Paths, RunInfo, emit, load_job, note_written
 from bnfold.commit import staged
 from bnfold.errors import BadInput
 
@@ -52,6 +52,12 @@ def calibrate_command(input_path: str, data: str, output: str | None, in_place: 
     re-estimation; an approximation that depends on the batch size).
 
     BNs inside subgraphs (If/Loop/Scan bodies) are reported and left as they are.
+
+    \b
+    Examples:
+      bnfold calibrate model.bn.onnx --data samples.npz -o model.calibrated.onnx
+      bnfold calibrate model.bn.onnx --data samples/ --limit 2000 -o model.calibrated.onnx
+      bnfold calibrate model.bn.onnx --data samples.npz --method batch --in-place --json -
     """
     if not data:
         raise BadInput("--data '': empty path")
@@ -59,7 +65,11 @@ def calibrate_command(input_path: str, data: str, output: str | None, in_place: 
         raise BadInput(f"--data {data}: no such file or folder")
     if output is None and not in_place:
         raise BadInput("no output: give -o OUTPUT or --in-place")
-    job = load_job(input_path, output, in_place, False, json_path, quiet)
+    run = RunInfo("calibrate", input=input_path, extra={"data_path": data},
+                  steps={"load": None, "calibrate": None, "save": None})
+    with run.step("load"):
+        job = load_job(input_path, output, in_place, False, json_path, quiet)
+    run.output = job.output
     paths = Paths()
     paths.read("--data", data)
     paths.write("-o", job.output)
@@ -68,14 +78,16 @@ def calibrate_command(input_path: str, data: str, output: str | None, in_place: 
         bar = _Progress(quiet)
         stack.callback(bar.close)
         job.progress("calibrating")
-        result, report = calibrate(job.model, data, only=only, method=method,
-                                   batch_size=batch_size, limit=limit, base_dir=job.base_dir,
-                                   inplace=True, progress=bar)
+        with run.step("calibrate"):
+            result, report = calibrate(job.model, data, only=only, method=method,
+                                       batch_size=batch_size, limit=limit,
+                                       base_dir=job.base_dir, inplace=True, progress=bar)
     with staged(job.output, data_name=job.data_name, protect=[*job.protect, data]) as stage:
         job.progress("saving")
-        stage.save(result, base_dir=job.base_dir)
+        with run.step("save"):
+            stage.save(result, base_dir=job.base_dir)
     note_written(report, stage.written)
-    emit(report, json_path, quiet, [*job.reads, data])
+    emit(report, json_path, quiet, [*job.reads, data], run)
 
 
 class _Progress:

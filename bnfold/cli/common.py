@@ -115,11 +115,14 @@ def verify_options(command: Callable) -> Callable:
                      help="Size of a symbolic input dimension, in every draw (repeatable) "
                           "[default: draw 1, distinct primes 2, 3, 5, ... that no dimension of "
                           "the model has; draw 2, 1]."),
-        click.option("--atol", type=float,
+        click.option("--atol", multiple=True, metavar="[OUTPUT=]VALUE", callback=_tolerance,
                      help="Pass when |B - A| <= atol + rtol * |A| everywhere, instead of the "
-                          "default test (B as accurate as A against a float64 evaluation of A)."),
-        click.option("--rtol", type=float,
-                     help="Relative tolerance of that test (the one not given: by dtype)."),
+                          "default test (B as accurate as A against a float64 evaluation of A). "
+                          "OUTPUT=VALUE sets it for one output only (repeatable); the others "
+                          "keep the plain VALUE, or the default test."),
+        click.option("--rtol", multiple=True, metavar="[OUTPUT=]VALUE", callback=_tolerance,
+                     help="Relative tolerance of that test (the one not given: by dtype); "
+                          "OUTPUT=VALUE as for --atol."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the random inputs."),
         click.option("--runs", type=click.IntRange(min=1), default=2, show_default=True,
@@ -134,6 +137,26 @@ def verify_options(command: Callable) -> Callable:
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def _tolerance(ctx: click.Context, param: click.Parameter,
+               specs: tuple[str, ...]) -> float | dict[str, float] | None:
+    """--atol/--rtol: VALUE for every output, OUTPUT=VALUE for one; a float, or a dict by output
+    name whose key "*" holds the plain VALUE (verify's per-output form), or None."""
+    values: dict[str, float] = {}
+    for spec in specs:
+        name, _, text = spec.rpartition("=")
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not value >= 0:  # also NaN
+            raise BadInput(f"--{param.name} {spec}: expected VALUE or OUTPUT=VALUE, "
+                           f"VALUE a non-negative number")
+        values[name or "*"] = value
+    if not values:
+        return None
+    return values["*"] if list(values) == ["*"] else values
 
 
 def parse_dims(specs: tuple[str, ...]) -> dict[str, int] | None:

@@ -26,7 +26,7 @@ import onnx
 from bnfold.errors import BadInput
 from bnfold.report import OutputComparison, VerifyReport
 from bnfold.verify.compare import compare
-from bnfold.verify.criterion import Sources, Unavailable, judge
+from bnfold.verify.criterion import Sources, Unavailable, judge, tolerance_for
 from bnfold.verify.perturb import rewritten, with_perturbed
 from bnfold.verify.reference import float64_runs
 from bnfold.verify.inputs import (CannotDraw, Draw, InputMaker, Value, check_same_interface,
@@ -43,8 +43,8 @@ def verify(
     *,
     inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
     dims: Mapping[str, int] | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
+    atol: float | Mapping[str, float] | None = None,
+    rtol: float | Mapping[str, float] | None = None,
     seed: int = 0,
     runs: int = 2,
     base_dir: str | os.PathLike | None = None,
@@ -56,8 +56,9 @@ def verify(
     which are drawn ``runs`` times with seeds ``seed, seed + 1, ...`` (draw 1: symbolic dims
     fresh primes, floats standard normal; draw 2: dims 1, floats in 0..255; then again);
     ``dims`` sizes their symbolic dimensions. ``atol``/``rtol`` replace the defaults (by dtype,
-    see ``compare.TOLERANCES``) for every output: the tolerance test replaces the default
-    criterion. ``base_dir`` is where in-memory models keep
+    see ``compare.TOLERANCES``): the tolerance test replaces the default criterion, for every
+    output when a number, for the outputs named when a mapping (name -> value, "*" for the
+    others; outputs it does not name take the default criterion). ``base_dir`` is where in-memory models keep
     their external data. ``verbose`` lets onnxruntime's own log lines through to stderr.
 
     A mismatch, or a candidate that fails where the reference runs, gives a report that did not
@@ -66,8 +67,10 @@ def verify(
     """
     if runs < 1:
         raise BadInput(f"runs must be at least 1, not {runs}")
-    if (atol is not None and not atol >= 0) or (rtol is not None and not rtol >= 0):
-        raise BadInput(f"tolerances must be non-negative (atol {atol}, rtol {rtol})")
+    for tolerance in (atol, rtol):
+        values = tolerance.values() if isinstance(tolerance, Mapping) else [tolerance]
+        if any(v is not None and not v >= 0 for v in values):
+            raise BadInput(f"tolerances must be non-negative (atol {atol}, rtol {rtol})")
     result = check_runs(reference, candidate, ref_dir=base_dir, cand_dir=base_dir,
                         inputs=inputs, dims=dims, atol=atol, rtol=rtol, seed=seed, runs=runs,
                         verbose=verbose)
@@ -169,7 +172,8 @@ def compare_outputs(outputs: list[Value], results: list[tuple[dict, dict]],
                               sources or _no_sources(), atol, rtol)
     by_key = {o.name: o for o in judged}
     for k in partial:
-        by_key[k] = compare(k, [(fr[k], fc[k]) for fr, fc in flat if k in fr], atol, rtol)
+        by_key[k] = compare(k, [(fr[k], fc[k]) for fr, fc in flat if k in fr],
+                            tolerance_for(atol, k), tolerance_for(rtol, k))
     for out in outputs:
         if out.name in mismatches:
             comparisons.append(_mismatch(*mismatches[out.name]))

@@ -24,7 +24,7 @@ rounding error the original itself carries.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -72,18 +72,34 @@ class Sources:
         return value
 
 
+Tolerance = float | Mapping[str, float] | None
+
+
+def tolerance_for(tolerance: Tolerance, name: str) -> float | None:
+    """The tolerance of output ``name`` (a sequence element "out[2]" takes its output's): one
+    for every output, or by output name with "*" for the others; None: the default test."""
+    if tolerance is None or not isinstance(tolerance, Mapping):
+        return tolerance
+    for key in (name, name.split("[", 1)[0], "*"):
+        if key in tolerance:
+            return float(tolerance[key])
+    return None
+
+
 def judge(
     names: Sequence[str], original: Outputs, candidate: Outputs, sources: Sources,
-    atol: float | None = None, rtol: float | None = None,
+    atol: Tolerance = None, rtol: Tolerance = None,
 ) -> tuple[list[OutputComparison], str]:
-    """Compare every output over all draws; also say which reference ran."""
-    if atol is not None or rtol is not None:
-        return [compare(n, [(o[n], c[n]) for o, c in zip(original, candidate)], atol, rtol)
-                for n in names], "none (tolerances given)"
+    """Compare every output over all draws; also say which reference ran. An output with a
+    tolerance (``atol``/``rtol``: one for all, or by output name) takes the tolerance test."""
     results: dict[str, OutputComparison] = {}
     pending = []
     for n in names:
         pairs = [(o[n], c[n]) for o, c in zip(original, candidate)]
+        a, r = tolerance_for(atol, n), tolerance_for(rtol, n)
+        if a is not None or r is not None:
+            results[n] = compare(n, pairs, a, r)
+            continue
         dtype = pairs[0][0].dtype
         if dtype not in FACTOR or any(a.shape != b.shape for a, b in pairs):
             results[n] = _with(compare(n, pairs, 0.0 if dtype not in FACTOR else None,
@@ -94,6 +110,10 @@ def judge(
         else:
             pending.append(n)
     described = "not needed (every float output within 8 ulps of the original)"
+    if len(results) == len(names) and all(
+            tolerance_for(atol, n) is not None or tolerance_for(rtol, n) is not None
+            for n in names):
+        described = "none (tolerances given)"
     if pending:
         try:
             reference, described = sources.get("reference")
