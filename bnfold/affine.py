@@ -132,6 +132,31 @@ def cast_to(values: np.ndarray, data_type: int) -> np.ndarray | str:
     return values.astype(np_type)
 
 
+_BLOCK = 1 << 18  # float64 elements (2 MiB) scaled at a time
+
+
+def scaled(w: np.ndarray, factor: np.ndarray, data_type: int) -> np.ndarray | str:
+    """`cast_to(float64(w) * factor, data_type)`, a block of rows at a time: the float64 product
+    of a large weight is never held whole (allocating it costs more than the arithmetic).
+    `factor` has the rank of `w` and broadcasts to it."""
+    if FLOAT_TYPES.get(data_type) is None or w.ndim == 0 or w.size == 0:
+        return cast_to(w.astype(np.float64) * factor, data_type)
+    rows = max(1, _BLOCK // (w.size // len(w)))
+    block = np.empty((min(rows, len(w)),) + w.shape[1:], np.float64)
+    out = None
+    for start in range(0, len(w), rows):
+        part = block[:len(w) - start] if start + rows > len(w) else block
+        part[...] = w[start:start + len(part)]
+        part *= factor[start:start + len(part)] if factor.shape[0] > 1 else factor
+        cast = cast_to(part, data_type)
+        if isinstance(cast, str):  # the reason as the whole weight gives it
+            return cast_to(w.astype(np.float64) * factor, data_type)
+        if out is None:
+            out = np.empty(w.shape, cast.dtype)
+        out[start:start + len(part)] = cast
+    return out
+
+
 def _round_to_bfloat16(values: np.ndarray) -> np.ndarray:
     """Correctly rounded float64 -> bfloat16 (ml_dtypes rounds twice, via float32)."""
     first = np.asarray(values.astype(ml_dtypes.bfloat16))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, MutableSequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import onnx
@@ -108,16 +108,27 @@ def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def copy_fields(source: Message, target: Message, skip: str) -> None:
-    """Copy every field set in `source` but `skip` (too costly to copy) into `target`."""
-    for field, value in source.ListFields():
+    """Copy every field set in `source` but `skip` (too costly to copy) into `target`.
+
+    `skip` is never read: ListFields would return every set field's value, and reading a
+    tensor's `raw_data` copies all its bytes out of protobuf."""
+    for field in source.DESCRIPTOR.fields:
         if field.name == skip:
             continue
-        if isinstance(value, MutableSequence):
-            getattr(target, field.name).extend(value)
-        elif isinstance(value, Message):
-            getattr(target, field.name).CopyFrom(value)
-        else:
-            setattr(target, field.name, value)
+        if _repeated(field):
+            if len(value := getattr(source, field.name)):
+                getattr(target, field.name).extend(value)
+        elif source.HasField(field.name):  # onnx's messages are proto2: every field has presence
+            if isinstance(value := getattr(source, field.name), Message):
+                getattr(target, field.name).CopyFrom(value)
+            else:
+                setattr(target, field.name, value)
+
+
+def _repeated(field) -> bool:
+    # protobuf 6 added `is_repeated`; later versions drop `label`
+    return field.is_repeated if hasattr(field, "is_repeated") \
+        else field.label == field.LABEL_REPEATED
 
 
 def field_header(number: int, length: int) -> bytes:

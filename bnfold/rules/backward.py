@@ -11,37 +11,34 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from bnfold.affine import Affine, cast_to, range_reason
+from bnfold.affine import Affine, cast_to, range_reason, scaled
 from bnfold.graph import GraphView
 from bnfold.nodes import attr, display_name
 from bnfold.rules.layer import LINEAR_OPS, Layer, bias_add_after, gemm_attrs, make_layer, optional_constant
 from bnfold.rules.plan import Plan
 
 
-# Each scales `w` (a float64 copy, ours to change) in place and returns it.
+# Each returns the factor of every weight element (an array of the weight's rank that
+# broadcasts to it, small: no kernel axes), from the per-output-channel scale `s`.
 def _scale_conv(node: onnx.NodeProto, w: np.ndarray, s: np.ndarray) -> np.ndarray:
-    w *= s.reshape((-1,) + (1,) * (w.ndim - 1))  # [M, C/group, k...]: axis 0, any group
-    return w
+    return s.reshape((-1,) + (1,) * (w.ndim - 1))  # [M, C/group, k...]: axis 0, any group
 
 
 def _scale_conv_transpose(node: onnx.NodeProto, w: np.ndarray, s: np.ndarray) -> np.ndarray:
     # [C_in, M/group, k...]: input group g's rows feed output channels g*(M/group) + j, so the
     # scale of column j depends on the row's group.
     group = int(attr(node, "group", 1))
-    c_in, per_group, kernel = w.shape[0], w.shape[1], w.shape[2:]
-    grouped = w.reshape((group, c_in // group, per_group) + kernel)  # a view of w
-    grouped *= s.reshape((group, 1, per_group) + (1,) * len(kernel))
-    return w
+    c_in, per_group = w.shape[0], w.shape[1]
+    rows = np.repeat(s.reshape(group, per_group), c_in // group, axis=0)  # [C_in, M/group]
+    return rows.reshape((c_in, per_group) + (1,) * (w.ndim - 2))
 
 
 def _scale_gemm(node: onnx.NodeProto, w: np.ndarray, s: np.ndarray) -> np.ndarray:
-    w *= s[:, None] if gemm_attrs(node)[3] else s[None, :]  # the columns of B'
-    return w
+    return s[:, None] if gemm_attrs(node)[3] else s[None, :]  # the columns of B'
 
 
 def _scale_matmul(node: onnx.NodeProto, w: np.ndarray, s: np.ndarray) -> np.ndarray:
-    w *= s[None, :]
-    return w
+    return s[None, :]
 
 
 # op -> (output channels of the weight, how to scale them, index of the op's own bias input)
@@ -172,9 +169,8 @@ def plan_backward(view: GraphView, aff: Affine) -> Plan | str:
     plan = Plan(into=node, direction="backward", remove=list(aff.nodes) + layer.identities)
 
     ndim = layer.weight.ndim
-    # The float64 copy replaces the stored one at once: a weight can be a large part of memory.
-    weight, layer.weight = layer.weight.astype(np.float64), None
-    weight = cast_to(scale_weight(node, weight, s), layer.weight_type)
+    weight, layer.weight = layer.weight, None  # a weight can be a large part of memory
+    weight = scaled(weight, scale_weight(node, weight, s), layer.weight_type)
     if isinstance(weight, str):
         return weight
     plan.set_tensor(node, 1, weight, "weight")
