@@ -197,8 +197,9 @@ def _sources(reference: Model, candidate: Model, ref_dir, cand_dir, feed_sets,
             raise Unavailable(str(err)) from None
 
     def float64():
-        model, folder = proto(reference, ref_dir)
-        outputs, described = float64_runs(model, folder or None, feed_sets, verbose)
+        # proto() inline: for a model read from a path, float64_runs holds the only reference
+        # and frees it once widened.
+        outputs, described = float64_runs(*proto(reference, ref_dir), feed_sets, verbose)
         return [_flat_outputs(o) for o in outputs], described
 
     def perturbed_candidate():

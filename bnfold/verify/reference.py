@@ -391,12 +391,14 @@ def float64_runs(model: onnx.ModelProto, base_dir: str | None,
     from bnfold.verify.criterion import Unavailable
     from bnfold.verify.runtime import RunFailed, load_session, run_session
 
+    base_dir = base_dir or None
     if not narrow_float(model):
         raise Unavailable("the model has no float tensor narrower than float64")
     try:
         ref = widen(model, base_dir)
     except Exception as err:  # a model onnx itself cannot follow: no reference, say why
         raise Unavailable(f"cannot widen the model: {one_line(err)}") from None
+    del model  # the caller's only reference, for a model read from a path: free it now
     try:
         runner = load_session(ref.model, base_dir, verbose=verbose, initializers=ref.arrays)
         runs = [run_session(runner, {k: _wide(v) for k, v in feeds.items()})
