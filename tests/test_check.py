@@ -366,3 +366,42 @@ def test_perturbed_moves_every_element_by_one_ulp(dtype):
                                   .astype(np.float64) * np.where(
                                       np.abs(moved[nonzero]) < np.abs(values[nonzero]), 1, 1))
     assert steps[~nonzero][0] > 0
+
+
+# --- memory: what the check holds ------------------------------------------------------------
+
+def test_large_weights_go_to_the_reference_in_their_own_type_and_are_widened_in_the_graph():
+    # Regression: every large weight was handed to onnxruntime in float64, which onnxruntime
+    # copies: the reference of a 1.07 GB float32 MLP held 4.3 GB of weights.
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [2, 64])],
+                   [("y", [2, 32])], {"w": w})
+    feeds = {"x": rng.standard_normal((2, 64)).astype(np.float32)}
+    outputs, ref = _float64_outputs(model, feeds)
+    [array] = ref.arrays.values()
+    assert array.dtype == np.float32 and np.array_equal(array, w)
+    [cast] = [n for n in ref.model.graph.node if n.op_type == "Cast"]
+    assert cast.output[0] == "w" and helper.get_attribute_value(cast.attribute[0]) == D
+    exact = feeds["x"].astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(outputs["y"], exact, rtol=1e-13, atol=1e-13)
+
+
+def test_an_initializer_a_caller_may_override_is_widened_in_place_not_cast():
+    w = np.ones((64, 32), np.float32)
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [2, 64])],
+                   [("y", [2, 32])], {"w": w})
+    model.graph.input.append(helper.make_tensor_value_info("w", F, [64, 32]))
+    ref = widen(model, None)
+    assert [a.dtype for a in ref.arrays.values()] == [np.float64]
+    assert not [n for n in ref.model.graph.node if n.op_type == "Cast"]
+
+
+def test_the_interface_does_not_keep_the_model_alive():
+    # Regression: each input's Value held its TypeProto, a sub-message of the model, which kept
+    # the whole model (weights included) in memory for the whole check.
+    from bnfold.verify.inputs import interface
+    model = _model([helper.make_node("Relu", ["x"], ["y"])], [("x", [2, 3])], [("y", [2, 3])])
+    [x] = interface(model).inputs
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.DOUBLE
+    assert x.proto.tensor_type.elem_type == F  # a copy, not a view into the model

@@ -98,13 +98,17 @@ def interface(model: Model) -> Interface:
 
 
 def value(vi: onnx.ValueInfoProto) -> Value:
-    kinds, tp = [], vi.type
+    # A copy of the type: a sub-message would keep the whole model (its weights) alive as long
+    # as the Value lives, which is the whole check.
+    own = onnx.TypeProto()
+    own.CopyFrom(vi.type)
+    kinds, tp = [], own
     while tp.WhichOneof("value") in ("sequence_type", "optional_type"):
         kinds.append(tp.WhichOneof("value").removesuffix("_type"))
         tp = getattr(tp, tp.WhichOneof("value")).elem_type
     kind = " ".join(kinds) or (tp.WhichOneof("value") or "unknown").removesuffix("_type")
     if tp.WhichOneof("value") != "tensor_type":
-        return Value(vi.name, _type_text(vi.type), 0, None, kind, vi.type)
+        return Value(vi.name, _type_text(own), 0, None, kind, own)
     tensor = tp.tensor_type
     shape = None
     if tensor.HasField("shape"):
@@ -112,7 +116,7 @@ def value(vi: onnx.ValueInfoProto) -> Value:
             d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
             for d in tensor.shape.dim
         )
-    return Value(vi.name, _type_text(vi.type), tensor.elem_type, shape, kind or "tensor", vi.type)
+    return Value(vi.name, _type_text(own), tensor.elem_type, shape, kind or "tensor", own)
 
 
 def _type_text(tp: onnx.TypeProto) -> str:

@@ -39,8 +39,11 @@ class Reference:
     """The widened model and what had to be done to run it in float64."""
 
     model: onnx.ModelProto
-    # The main graph's large widened initializers: in the model as placeholders (external data
-    # at no location), their values handed to onnxruntime as they are, never serialised.
+    # The main graph's large initializers: in the model as placeholders (external data at no
+    # location), their values handed to onnxruntime as they are, never serialised. float32 and
+    # float16 ones keep their type under a new name and a Cast widens them inside the graph:
+    # exact, and onnxruntime (which copies what it is handed) then holds them once in their own
+    # type, each float64 copy only while its layer runs, instead of the whole model in float64.
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     rewritten: Counter = field(default_factory=Counter)  # op type -> nodes rewritten in float64
     islands: Counter = field(default_factory=Counter)  # op type -> nodes left in their type
@@ -96,9 +99,16 @@ class _Widener:
     def graph(self, g: onnx.GraphProto, top: bool = False) -> onnx.GraphProto:
         new = onnx.GraphProto()
         new.name, new.doc_string = g.name, g.doc_string
-        for t in g.initializer:
-            new.initializer.append(self.tensor(t, placeholder=top))
         new.sparse_initializer.extend(g.sparse_initializer)
+        self.widening: list[onnx.NodeProto] = []  # Casts of narrow placeholders, first
+        if top:
+            fed = {vi.name for vi in g.input}  # an initializer a caller may override
+            for t in g.initializer:
+                new.initializer.append(self.tensor(t, placeholder=True,
+                                                   cast=t.name not in fed))
+        else:
+            new.initializer.extend(self.tensor(t) for t in g.initializer)
+        new.node.extend(self.widening)
         for vi in g.input:
             new.input.append(_widened_info(vi))
         for vi in g.output:
@@ -112,18 +122,26 @@ class _Widener:
         self.nodes = saved
         return new
 
-    def tensor(self, t: onnx.TensorProto, placeholder: bool = False) -> onnx.TensorProto:
+    def tensor(self, t: onnx.TensorProto, placeholder: bool = False,
+               cast: bool = False) -> onnx.TensorProto:
         if t.data_type not in NARROW:
             return t
-        array = tensor_value(t, self.base_dir).astype(np.float64)
-        if not placeholder or array.nbytes < _PLACEHOLDER_BYTES:
-            return numpy_helper.from_array(array, t.name)
-        self.ref.arrays[t.name] = array
-        header = TensorProto(name=t.name, data_type=DOUBLE, dims=t.dims,
+        value = tensor_value(t, self.base_dir)
+        if not placeholder or 8 * value.size < _PLACEHOLDER_BYTES:
+            return numpy_helper.from_array(value.astype(np.float64), t.name)
+        name, data_type = t.name, DOUBLE
+        if cast and t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            name, data_type = self.fresh(t.name), t.data_type
+            self.widening.append(helper.make_node("Cast", [name], [t.name], to=DOUBLE,
+                                                  name=self.fresh(f"{t.name}_widen")))
+        else:
+            value = value.astype(np.float64)
+        self.ref.arrays[name] = value
+        header = TensorProto(name=name, data_type=data_type, dims=t.dims,
                              data_location=TensorProto.EXTERNAL)
-        for key, value in (("location", "bnfold-float64-reference"), ("offset", "0"),
-                           ("length", str(array.nbytes))):
-            header.external_data.add(key=key, value=value)
+        for key, text in (("location", "bnfold-float64-reference"), ("offset", "0"),
+                          ("length", str(value.nbytes))):
+            header.external_data.add(key=key, value=text)
         return header
 
     # -- nodes -------------------------------------------------------------------------------
