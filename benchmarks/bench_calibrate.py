@@ -39,7 +39,7 @@ OUT_DIR = REPO / "benchmarks" / "out"
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
-from bench_fold import make_mlp, make_resnet50  # noqa: E402
+from bench_fold import _rss_mb, make_mlp, make_resnet50  # noqa: E402
 
 SPECS = {  # name: (generator, full sizes, small sizes, input shape of one sample (full, small))
     "resnet50": (make_resnet50, dict(width=64, image=32), dict(width=8, image=32),
@@ -49,19 +49,12 @@ SPECS = {  # name: (generator, full sizes, small sizes, input shape of one sampl
 BATCH = 32
 
 
-def _status(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
 
 def _child(mode: str, model_path: str, data_dir: str, samples: int) -> None:
     """One measurement, in this fresh process; prints one JSON line."""
     import onnxruntime as ort
 
-    idle = _status("VmRSS")
+    idle = _rss_mb("VmRSS")
     x = np.load(os.path.join(data_dir, "samples.npy"), mmap_mode="r")[:samples]
     result: dict = {}
     if mode == "ort":
@@ -86,7 +79,7 @@ def _child(mode: str, model_path: str, data_dir: str, samples: int) -> None:
         result.update(seconds=time.perf_counter() - loaded, load_seconds=loaded - start,
                       passes=report.passes, levels=report.levels,
                       calibrated=len(report.calibrated), samples=report.samples)
-    result.update(peak_mb=_status("VmHWM"), idle_mb=idle)
+    result.update(peak_mb=_rss_mb("VmHWM"), idle_mb=idle)
     print(json.dumps(result))
 
 

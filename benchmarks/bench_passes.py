@@ -51,6 +51,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from bench_fold import _fsync, _rss_mb  # noqa: E402  (the measuring helpers, shared)
+
 OPSET = 17
 F = TensorProto.FLOAT
 
@@ -195,20 +198,6 @@ def _peak_reset() -> None:
         pass
 
 
-def _peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _child(variant: str, src: str, repeat: int) -> None:
@@ -250,7 +239,7 @@ def _child(variant: str, src: str, repeat: int) -> None:
             start = time.perf_counter()
             step()
             times[mode].append(time.perf_counter() - start)
-            peaks[mode] = max(peaks[mode], _peak_mb())
+            peaks[mode] = max(peaks[mode], _rss_mb("VmHWM"))
             if os.path.exists(out):
                 os.unlink(out)
     print(json.dumps({"bare": min(times["bare"]), "bnfold": min(times["bnfold"]),

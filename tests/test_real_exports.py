@@ -10,7 +10,6 @@ rounding, and these models' outputs are of order 1-10.
 from __future__ import annotations
 
 import collections
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from bnfold.fold import fold, to_inference_mode
+from torch_models import EXPORTERS, RAW_EXPORTERS, export, torch_eval
 
 ATOL, RTOL = 1e-5, 1e-4
 BATCH = 7  # differs from every channel count below; batch 1 would make training-mode BN degenerate
@@ -177,39 +177,6 @@ def make_case(name: str) -> tuple[nn.Module, np.ndarray]:
     return module, x
 
 
-# Exporter settings. The defaults of both exporters already fuse Conv+BN (TorchScript while
-# constant folding; dynamo's optimizer fuses Gemm+BN too), so the "raw" settings, which keep every
-# BatchNormalization node, are what really exercises the folding; the defaults are what users get.
-EXPORTERS = {
-    "torchscript": dict(dynamo=False, do_constant_folding=False),
-    "torchscript_default": dict(dynamo=False),
-    "dynamo": dict(dynamo=True, optimize=False),
-    "dynamo_default": dict(dynamo=True),
-}
-RAW_EXPORTERS = ("torchscript", "dynamo")
-
-
-def export(module: nn.Module, x: np.ndarray, path: Path, exporter: str, training: bool = False) -> onnx.ModelProto:
-    options = dict(EXPORTERS[exporter], input_names=["x"], output_names=["y"])
-    if options["dynamo"]:
-        options |= dict(external_data=False, verbose=False,
-                        dynamic_shapes=({0: torch.export.Dim("batch")},))
-    else:
-        options["dynamic_axes"] = {"x": {0: "batch"}, "y": {0: "batch"}}
-    if training:
-        options["training"] = torch.onnx.TrainingMode.TRAINING
-    sample = torch.from_numpy(x[:4])  # another batch size than the one checked
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (sample,), str(path), **options)
-    return onnx.load(path)
-
-
-def torch_eval(module: nn.Module, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return module.eval()(torch.from_numpy(x)).numpy()
-
-
 # --------------------------------------------------------------------------- eval-mode exports
 
 
@@ -218,7 +185,7 @@ def torch_eval(module: nn.Module, x: np.ndarray) -> np.ndarray:
 def test_eval_export_folds_every_foldable_bn(name, exporter, tmp_path):
     module, x = make_case(name)
     expected = torch_eval(module, x)
-    model = export(module, x, tmp_path / "model.onnx", exporter)
+    model = export(module, x[:4], tmp_path / "model.onnx", exporter)  # another batch size than the one checked
     kept = CASES[name].kept
     bn_before = op_counts(model)["BatchNormalization"]
     if exporter in RAW_EXPORTERS:
@@ -249,7 +216,7 @@ def training_export(name: str, tmp_path: Path) -> tuple[nn.Module, np.ndarray, o
     file holds the updated ones, so torch's eval reference is taken after the export.
     """
     module, x = make_case(name)
-    model = export(module.train(), x, tmp_path / "train.onnx", "torchscript", training=True)
+    model = export(module.train(), x[:4], tmp_path / "train.onnx", "torchscript", training=True)
     bns = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
     assert len(bns) == batch_norm_count(module)
     assert all(onnx.helper.get_node_attr_value(n, "training_mode") == 1 for n in bns)
