@@ -70,11 +70,11 @@ class Insertion:
         if self.channels is not None and self.channels != self.features:
             text += f"; normalises axis {self.axis} ({self.channels} channels)"
         if self.transpose is not None:
-            text += (f"; the axis is not axis 1 of a rank-{len(self.transpose)} output, so the "
-                     f"BN sits between Transpose {self.transpose} and its inverse (exact)"
-                     if self.axis != len(self.transpose) - 1 else
-                     f"; features are the last axis of a rank-{len(self.transpose)} output, so the "
-                     f"BN sits between Transpose {self.transpose} and its inverse (exact)")
+            rank = len(self.transpose)
+            why = (f"features are the last axis of a rank-{rank} output"
+                   if self.axis == rank - 1 else f"the axis is not axis 1 of a rank-{rank} output")
+            text += (f"; {why}, so the BN sits between Transpose {self.transpose} and its "
+                     f"inverse (exact)")
         if self.running_outputs:
             text += f"; running statistics in outputs {', '.join(self.running_outputs)}"
         return text + (f" ({self.note})" if self.note else "")

@@ -15,14 +15,19 @@ import pytest
 _SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_fold.py"
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_fold", _SCRIPT)
+def _script(name: str):
+    """benchmarks/NAME.py as a module, registered while the tests use it."""
+    spec = importlib.util.spec_from_file_location(name, _SCRIPT.with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     yield module
     del sys.modules[spec.name]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    yield from _script("bench_fold")
 
 
 def _run(path: Path, x: np.ndarray) -> np.ndarray:
@@ -73,13 +78,7 @@ def test_mlp_generators(bench, tmp_path, make):
 
 @pytest.fixture(scope="module")
 def bench_passes():
-    path = _SCRIPT.with_name("bench_passes.py")
-    spec = importlib.util.spec_from_file_location("bench_passes", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from _script("bench_passes")
 
 
 @pytest.mark.parametrize("variant", ["conv", "gemm", "forward", "decomposed", "casts", "matmul",
@@ -100,13 +99,7 @@ def test_pass_benchmark_models_are_valid_and_do_what_they_claim(bench_passes, va
 
 @pytest.fixture(scope="module")
 def bench_quantize():
-    path = _SCRIPT.with_name("bench_quantize.py")
-    spec = importlib.util.spec_from_file_location("bench_quantize", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from _script("bench_quantize")
 
 
 @pytest.mark.parametrize("model", ["gemm", "keras"])
