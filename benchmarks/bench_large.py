@@ -4,6 +4,7 @@
     python benchmarks/bench_large.py                # 453 MB CNN and 1.07 GB MLP, fastest of 3
     python benchmarks/bench_large.py --small        # the same shapes, small: a smoke run
     python benchmarks/bench_large.py --repeat 5 --only cnn
+    python benchmarks/bench_large.py --check --only mlp    # also fold with its check: peak memory
 
 The models (seeded, generated with onnx.helper in a child process, single-file):
 - cnn: 13 3x3 Conv (1024 channels wide, 12 of them 1024 -> 1024) + BN + Relu, about 453 MB
@@ -15,6 +16,9 @@ the imports, as a user sees it): `python -m bnfold fold IN -o OUT --no-verify` a
 both see the same machine; the fastest of the repeats is reported, with the largest VmHWM
 (the child's peak resident size, from wait4). The page cache is flushed to disk (sync) before
 each run. Note the load (`uptime`) with the figures: the machine is shared.
+
+`--check` also runs `python -m bnfold fold IN -o OUT` with its onnxruntime check and reports its
+peak memory against the model's size (issue 11: at most 2.5x on the 1.07 GB MLP).
 """
 
 from __future__ import annotations
@@ -99,7 +103,7 @@ def _run(argv: list[str]) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 1024
 
 
-def measure(name: str, small: bool, repeat: int) -> dict:
+def measure(name: str, small: bool, repeat: int, check: bool = False) -> dict:
     make, full, small_args = MODELS[name]
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     src = OUT_DIR / f"large_{name}{'_small' if small else ''}.onnx"
@@ -113,6 +117,9 @@ def measure(name: str, small: bool, repeat: int) -> dict:
         "fold": [sys.executable, "-m", "bnfold", "fold", str(src), "-o", str(dst), "--no-verify",
                  "--quiet"],
     }
+    if check:
+        commands["check"] = [sys.executable, "-m", "bnfold", "fold", str(src), "-o", str(dst),
+                             "--quiet"]
     runs: dict[str, list[tuple[float, float]]] = {k: [] for k in commands}
     try:
         for _ in range(repeat):
@@ -133,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="small models: a smoke run")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--only", nargs="+", choices=list(MODELS))
+    parser.add_argument("--check", action="store_true",
+                        help="also time `bnfold fold` with its check; peak memory vs model size")
     parser.add_argument("--make", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.make:
@@ -143,10 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':6} {'size':>8} {'bare s':>7} {'fold s':>7} {'ratio':>6} {'bare peak':>9} "
           f"{'fold peak':>9}  all runs (s)")
     for name in args.only or list(MODELS):
-        r = measure(name, args.small, args.repeat)
+        r = measure(name, args.small, args.repeat, args.check)
         print(f"{name:6} {r['size_mb']:6.0f}MB {r['bare_s']:7.2f} {r['fold_s']:7.2f} "
               f"{r['fold_s'] / r['bare_s']:5.2f}x {r['bare_peak_mb']:7.0f}MB "
               f"{r['fold_peak_mb']:7.0f}MB  {r['all']}", flush=True)
+        if args.check:  # sizes in MB of 10^6 bytes, peaks in MiB: the ratio in bytes
+            ratio = r["check_peak_mb"] * 2**20 / (r["size_mb"] * 1e6)
+            print(f"{'':6} with its check: {r['check_s']:.2f} s, peak {r['check_peak_mb']:.0f} MB"
+                  f" = {ratio:.2f}x the model (target <= 2.5x)", flush=True)
     print(f"load after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}  (target: fold <= 1.3x)")
     return 0
 

@@ -32,6 +32,7 @@ from bnfold.verify.reference import float64_runs
 from bnfold.verify.inputs import (CannotDraw, Draw, InputMaker, Value, check_same_interface,
                                   given_feeds, interface, read_model)
 from bnfold.verify.regions import check_regions
+from bnfold.verify.usage import input_uses
 from bnfold.verify.runtime import RunFailed, load_session, run_session, session
 
 Model = onnx.ModelProto | str | os.PathLike
@@ -85,17 +86,21 @@ def check_runs(reference: Model, candidate: Model, *, ref_dir, cand_dir, inputs,
                role: str = "reference") -> VerifyReport | list[str]:
     """Run both models on the draws and compare them: a report, or (when the reference runs on
     no draw) the notes saying why."""
-    ref_model = read_model(reference)  # a model given by path is not held while sessions run
-    ref, cand = interface(ref_model), interface(candidate)
+    # A model given by path is read once here, and not held while the other is read or while
+    # sessions run: one model in memory at a time.
+    ref_model = read_model(reference)
+    ref = interface(ref_model)
+    uses = input_uses(ref_model, ref.inputs) if inputs is None else None
+    del ref_model
+    cand = interface(candidate)
     check_same_interface(ref, cand)
     if inputs is None:
-        maker = InputMaker(ref_model, ref, dims, ref.dims | cand.dims, seed)
+        maker = InputMaker(None, ref, dims, ref.dims | cand.dims, seed, uses=uses)
     else:
         given = (
             "given inputs" if isinstance(inputs, Mapping) else f"inputs from {os.fspath(inputs)}"
         )
         feeds = given_feeds(ref.inputs, inputs)
-    del ref_model
     # One session at a time: the reference on the draws (skipping those it cannot run), then
     # the candidate on the draws the reference ran.
     ref_session = session(reference, ref_dir, role, verbose=verbose)
@@ -197,9 +202,9 @@ def _sources(reference: Model, candidate: Model, ref_dir, cand_dir, feed_sets,
             raise Unavailable(str(err)) from None
 
     def float64():
-        # proto() inline: for a model read from a path, float64_runs holds the only reference
+        # A model given by path is read by float64_runs, which holds the only reference to it
         # and frees it once widened.
-        outputs, described = float64_runs(*proto(reference, ref_dir), feed_sets, verbose)
+        outputs, described = float64_runs(reference, ref_dir, feed_sets, verbose)
         return [_flat_outputs(o) for o in outputs], described
 
     def perturbed_candidate():

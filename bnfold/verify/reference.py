@@ -402,13 +402,20 @@ _REWRITES = {
 }
 
 
-def float64_runs(model: onnx.ModelProto, base_dir: str | None,
+def float64_runs(model: onnx.ModelProto | str | os.PathLike, base_dir: str | None,
                  feed_sets: list[dict], verbose: bool = False) -> tuple[list[dict], str]:
-    """The outputs of ``model`` in float64 on every draw, and what ran; raises Unavailable."""
+    """The outputs of ``model`` in float64 on every draw, and what ran; raises Unavailable.
+
+    ``model`` given by path is read here (its external data from its folder), and freed as
+    soon as it is widened."""
     from bnfold.errors import BadInput, one_line
     from bnfold.verify.criterion import Unavailable
+    from bnfold.verify.inputs import read_model
     from bnfold.verify.runtime import RunFailed, load_session, run_session
 
+    if not isinstance(model, onnx.ModelProto):
+        base_dir = os.path.dirname(os.path.abspath(os.fspath(model)))
+        model = read_model(model)
     base_dir = base_dir or None
     if not narrow_float(model):
         raise Unavailable("the model has no float tensor narrower than float64")
@@ -416,9 +423,10 @@ def float64_runs(model: onnx.ModelProto, base_dir: str | None,
         ref = widen(model, base_dir)
     except Exception as err:  # a model onnx itself cannot follow: no reference, say why
         raise Unavailable(f"cannot widen the model: {one_line(err)}") from None
-    del model  # the caller's only reference, for a model read from a path: free it now
+    del model  # the only reference, for a model read from a path: free it now
     try:
         runner = load_session(ref.model, base_dir, verbose=verbose, initializers=ref.arrays)
+        ref.arrays.clear()  # onnxruntime holds its own copy of what it was handed
         runs = [run_session(runner, {k: _wide(v) for k, v in feeds.items()})
                 for feeds in feed_sets]
     except (RunFailed, BadInput) as err:
