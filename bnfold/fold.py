@@ -14,7 +14,7 @@ from onnx import helper
 from bnfold import changes
 from bnfold.affine import Affine, bn_affine, cast_to, set_inference_mode, training_reason
 from bnfold.errors import BadInput, one_line
-from bnfold.graph import (MIN_OPSET, GraphView, NameAllocator, Scope, default_opset, infer_shapes,
+from bnfold.graph import (MIN_OPSET, GraphView, Inference, NameAllocator, Scope, default_opset,
                           is_external, remove_where)
 from bnfold.io import model_argument
 from bnfold.nodes import attr, display_name, graphs, subgraphs
@@ -44,16 +44,19 @@ def fold(model: onnx.ModelProto | str | os.PathLike, *, base_dir: str | None = N
     `bnfold.save` to stream; the default spills for models whose weights are on disk.
     """
     model, base_dir, loaded = model_argument(model, base_dir)
-    original, report = model, FoldReport(before=model_stats(model))
+    original, report = model, FoldReport()
     opset = default_opset(model)
     if opset < MIN_OPSET:
+        report.before = model_stats(model)
         upgraded = _upgrade(model, opset, report)
         if upgraded is None:
             return _unchanged(original, inplace or loaded, report)
         model, report.upgraded_from = upgraded, opset
     elif not (inplace or loaded):
         model = _copy(model)
-    first = changes.snapshot(model)
+    first = changes.snapshot(model)  # (switching to inference mode changes no node)
+    if report.before is None:
+        report.before = changes.census(model, first)
     switched = 0
     if training_to_inference:
         switched, dropped = _to_inference_mode(model)
@@ -63,8 +66,8 @@ def fold(model: onnx.ModelProto | str | os.PathLike, *, base_dir: str | None = N
     run = _FoldRun(model, base_dir, allow_initializer_inputs, lower_standalone, spill, report)
     # No-op Casts go only if something folds: a model with nothing to fold stays as it was.
     before_casts = _snapshot(model)
-    report.removed_casts = remove_noop_casts(model, run.types)
-    cast_free = changes.snapshot(model)
+    report.removed_casts = remove_noop_casts(model, lambda name: run.inference.types.get(name))
+    cast_free = changes.snapshot(model) if report.removed_casts else first
     run.fold_graph(model.graph, None, "main")
     report.changed = bool(report.folded or report.lowered or switched)
     if not report.changed:
@@ -72,11 +75,11 @@ def fold(model: onnx.ModelProto | str | os.PathLike, *, base_dir: str | None = N
         if upgraded is not None:  # the input as it was, not its conversion
             return _unchanged(original, inplace or loaded, report)
         _restore(model, before_casts)  # `model` is the input, or already a copy of it
-        return _unchanged(model, True, report)
+        return _unchanged(model, True, report, first)
     rewritten = changes.snapshot(model)
-    run.collect_garbage()
-    report.after = model_stats(model)
-    _report_changes(report, [first, cast_free, rewritten, changes.snapshot(model)])
+    collected = changes.snapshot(model) if run.collect_garbage() else rewritten
+    report.after = changes.census(model, collected)
+    _report_changes(report, [first, cast_free, rewritten, collected])
     return model, report
 
 
@@ -129,11 +132,12 @@ def _upgrade(model: onnx.ModelProto, opset: int, report: FoldReport) -> onnx.Mod
         return None
 
 
-def _unchanged(model: onnx.ModelProto, inplace: bool, report: FoldReport
-               ) -> tuple[onnx.ModelProto, FoldReport]:
-    """`model` as it was (a copy unless `inplace`), with the note saying why."""
+def _unchanged(model: onnx.ModelProto, inplace: bool, report: FoldReport,
+               seen: list[changes.Seen] | None = None) -> tuple[onnx.ModelProto, FoldReport]:
+    """`model` as it was (a copy unless `inplace`), with the note saying why; `seen`, its
+    snapshot when the caller has one."""
     report.changed, report.after = False, report.before
-    order = changes.graph_order(changes.snapshot(model))
+    order = changes.graph_order(seen if seen is not None else changes.snapshot(model))
     report.decisions.sort(key=lambda d: order.get((d.graph, d.node), len(order)))
     if not report.decisions:
         why = "no batch norm in the model"
@@ -190,7 +194,7 @@ def to_inference_mode(model: onnx.ModelProto) -> onnx.ModelProto:
 def model_stats(model: onnx.ModelProto) -> ModelStats:
     """Node counts (by op type too) and parameter count, subgraphs included; reads no tensor
     data."""
-    return changes.census(model)
+    return changes.census(model, changes.snapshot(model))
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -287,7 +291,7 @@ class _FoldRun:
         self.model, self.base_dir, self.report = model, base_dir, report
         self.allow_initializer_inputs = allow_initializer_inputs
         self.lower_standalone = lower_standalone
-        self.shapes, self.types = infer_shapes(model)
+        self.inference = Inference(model)  # run when a rule first reads a shape or type
         self.names = NameAllocator(model)
         self.touched: set[str] = set()
         self.dropped: set[str] = set()
@@ -298,7 +302,7 @@ class _FoldRun:
     def view(self, graph: onnx.GraphProto, outer: Scope | None) -> GraphView:
         return GraphView(self.model, graph, outer=outer, base_dir=self.base_dir,
                          allow_initializer_inputs=self.allow_initializer_inputs,
-                         shapes=self.shapes, types=self.types, names=self.names)
+                         inference=self.inference, names=self.names)
 
     def fold_graph(self, graph: onnx.GraphProto, outer: Scope | None, path: str) -> None:
         kept: dict[str, tuple] = {}  # output -> (name, op, Affine or None, reason)
@@ -384,8 +388,9 @@ class _FoldRun:
         self.touched.update(aff.params)
         return True
 
-    def collect_garbage(self) -> None:
-        """Remove the constants and value_info entries the rewrites left without a reader.
+    def collect_garbage(self) -> bool:
+        """Remove the constants and value_info entries the rewrites left without a reader;
+        whether a node went.
 
         A value is dead when a rewrite touched it and nothing reads it (no node input, no graph
         output, in any graph); a pure node whose outputs are all dead goes too, and its inputs
@@ -438,6 +443,7 @@ class _FoldRun:
         for graph in all_graphs:
             remove_where(graph.value_info,
                          lambda v: v.name in self.dropped and v.name not in produced)
+        return bool(doomed_nodes)
 
 
 def _one_channel(aff: Affine | None) -> str | None:

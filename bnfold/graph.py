@@ -109,6 +109,67 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, in
     the initializers and the operators only: the model's `value_info` and the shapes declared
     for its outputs are dropped first, since tools leave annotations there that no longer hold.
     """
+    return _inferred(_skeleton(model))
+
+
+class Inference:
+    """`infer_shapes` of a model as it is now, run on the first read of `shapes` or `types`.
+
+    The skeleton is taken at construction, so a pass that rewrites the model afterwards reads
+    what inference gives for the model it started from, as if inference had run first; names
+    a rewrite gives to an existing value (`alias`) are added when it runs. Folds into Conv and
+    Gemm read no shape, and so never run it.
+    """
+
+    def __init__(self, model: onnx.ModelProto):
+        self._skeleton: onnx.ModelProto | None = _skeleton(model)
+        self._shapes: dict[str, tuple] = {}
+        self._types: dict[str, int] = {}
+        self._aliases: list[tuple[str, str]] = []
+
+    @classmethod
+    def of(cls, shapes: dict[str, tuple], types: dict[str, int]) -> Inference:
+        """An inference already made."""
+        done = cls.__new__(cls)
+        done._skeleton, done._shapes, done._types, done._aliases = None, shapes, types, []
+        return done
+
+    def _run(self) -> None:
+        self._shapes, self._types = _inferred(self._skeleton)
+        self._skeleton = None
+        for old, new in self._aliases:
+            self._alias(old, new)
+        self._aliases = []
+
+    @property
+    def shapes(self) -> dict[str, tuple]:
+        if self._skeleton is not None:
+            self._run()
+        return self._shapes
+
+    @property
+    def types(self) -> dict[str, int]:
+        if self._skeleton is not None:
+            self._run()
+        return self._types
+
+    def alias(self, old: str, new: str) -> None:
+        """`new` names the value `old` names: the same shape and type (unless `new` has its
+        own)."""
+        if self._skeleton is not None:
+            self._aliases.append((old, new))
+        else:
+            self._alias(old, new)
+
+    def _alias(self, old: str, new: str) -> None:
+        for known in (self._shapes, self._types):
+            if old in known:
+                known.setdefault(new, known[old])
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What `_inferred` reads of the model: nodes, inputs, outputs (their shapes cleared),
+    initializers (large ones without data); no value_info."""
     skeleton = onnx.ModelProto()
     skeleton.ir_version = model.ir_version
     skeleton.opset_import.extend(model.opset_import)
@@ -139,6 +200,10 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, in
             if t.name not in listed:
                 g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type,
                                                                   list(t.dims)))
+    return skeleton
+
+
+def _inferred(skeleton: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, int]]:
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     except Exception:  # inference is a hint: without it, rank-dependent rules refuse
@@ -320,10 +385,12 @@ class GraphView:
 
     def __init__(self, model: onnx.ModelProto, graph: onnx.GraphProto, *, outer: Scope | None,
                  base_dir: str | None, allow_initializer_inputs: bool,
-                 shapes: dict[str, tuple], types: dict[str, int], names: NameAllocator):
+                 shapes: dict[str, tuple] | None = None, types: dict[str, int] | None = None,
+                 inference: Inference | None = None, names: NameAllocator):
+        """Shapes and types come from `inference`, or are the dicts `shapes` and `types`."""
         self.graph, self.names = graph, names
         self.base_dir = base_dir or ""
-        self.shapes, self.types = shapes, types
+        self.inference = inference if inference is not None else Inference.of(shapes, types)
         self.is_main = outer is None
         self.opset = default_opset(model)
         self.legacy_inputs = model.ir_version < 4 and self.is_main
@@ -382,6 +449,14 @@ class GraphView:
                     self.scope.defined.discard(o)
         if outputs and self.scope.constant_nodes.get(outputs[0]) is node:
             del self.scope.constant_nodes[outputs[0]]
+
+    @property
+    def shapes(self) -> dict[str, tuple]:
+        return self.inference.shapes
+
+    @property
+    def types(self) -> dict[str, int]:
+        return self.inference.types
 
     # -- structure ------------------------------------------------------------------------
 

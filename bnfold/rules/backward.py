@@ -134,8 +134,8 @@ def _bias_add_before(view: GraphView, add: onnx.NodeProto):
 def output_axis_reason(view: GraphView, layer: Layer, aff: Affine) -> str | None:
     """Why the affine's axis is not the axis holding the layer's output channels."""
     op = layer.node.op_type
-    rank = view.rank(aff.x) or view.rank(layer.output)  # the layer's tensors share one rank
     if op == "MatMul":
+        rank = view.rank(aff.x) or view.rank(layer.output)  # the layer's tensors share one rank
         if rank is None:
             return f"rank of {layer.name}'s output is unknown, so its feature axis is unknown"
         channel_axis = rank - 1
@@ -176,8 +176,11 @@ def plan_backward(view: GraphView, aff: Affine) -> Plan | str:
     plan.set_tensor(node, 1, weight, "weight")
 
     # The shift goes into the bias Add when there is one, else into the op's own bias.
-    rank = (view.rank(aff.x) or view.rank(layer.output)
-            or (2 if node.op_type in ("Gemm", "MatMul") else ndim))
+    # Gemm's tensors have rank 2, Conv's and ConvTranspose's that of the weight; MatMul's, its
+    # inputs' (read only there: a fold into a Conv or a Gemm needs no shape inference).
+    rank = {"Gemm": 2, "MatMul": None}.get(node.op_type, ndim)
+    if rank is None:
+        rank = view.rank(aff.x) or view.rank(layer.output) or 2
     channel_axis = rank - 1 if node.op_type == "MatMul" else 1
     if layer.bias_after_transpose:
         channel_axis = layer.perm(rank).index(channel_axis)

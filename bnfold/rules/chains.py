@@ -9,6 +9,8 @@ the map can be folded on. Float-to-same-float Casts (Keras puts them everywhere)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 
@@ -128,8 +130,9 @@ def _is_layer_bias(view: GraphView, node: onnx.NodeProto, step: tuple[int, np.nd
     return before is not None and before.op_type in LINEAR_OPS
 
 
-def remove_noop_casts(model: onnx.ModelProto, types: dict[str, int]) -> int:
-    """Remove every Cast to its input's own type (unless it produces a graph output).
+def remove_noop_casts(model: onnx.ModelProto, type_of: Callable[[str], int | None]) -> int:
+    """Remove every Cast to its input's own type (`type_of` a value's element type, read only
+    for the inputs of Casts), unless it produces a graph output.
 
     Each graph's Casts are found in one walk (a chain of them resolves to the first input),
     removed in one sweep and their readers renamed in one more walk, subgraphs included.
@@ -144,7 +147,7 @@ def remove_noop_casts(model: onnx.ModelProto, types: dict[str, int]) -> int:
         for node in graph.node:
             if node.op_type == "Cast" and node.domain in ("", "ai.onnx"):
                 source = renames.get(node.input[0], node.input[0])
-                if types.get(source) == attr(node, "to") and node.output[0] not in outputs:
+                if type_of(source) == attr(node, "to") and node.output[0] not in outputs:
                     renames[node.output[0]] = source
                     casts.append(node)
         if casts:

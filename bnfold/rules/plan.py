@@ -149,9 +149,7 @@ class Rewriter:
         for node, index, name in plan.outputs:
             old = node.output[index]
             self.dropped.add(old)
-            for known in (view.shapes, view.types):  # a new name: the same value
-                if old in known:
-                    known.setdefault(name, known[old])
+            view.inference.alias(old, name)  # a new name: the same value
             view.set_output(node, index, name)
         if plan.add_bias is not None:
             after, bias, output = plan.add_bias
