@@ -43,7 +43,10 @@ def write_model(model: onnx.ModelProto, path: str, *, data_name: str, base_dir: 
     left as it was. Returns whether a data file was written."""
     if not needs_data_file(model, external_data):
         with _synced(path) as f:
-            _write_inline(model, f)
+            if _small_and_in_memory(model):
+                f.write(model.SerializeToString())  # one call: cheaper for many small tensors
+            else:
+                _write_inline(model, f)
         return False
     if base_dir is None and any(is_external(t) and not is_spilled(t) for t in tensors(model)):
         raise ValueError("save: the model has external data; pass base_dir (its directory)")
@@ -79,6 +82,22 @@ def too_large(model: onnx.ModelProto) -> bool:
         return model.ByteSize() > PROTOBUF_LIMIT
     except Exception:  # some protobuf builds refuse to even measure a message this large
         return True
+
+
+_ONE_BUFFER = 64 << 20  # bytes of tensor data: a model this small is serialized in one buffer
+
+
+def _small_and_in_memory(model: onnx.ModelProto) -> bool:
+    """Whether every tensor's data is in the model and they come to at most `_ONE_BUFFER`
+    bytes: then one serialized copy of the model costs less than streaming it."""
+    total = 0
+    for t in tensors(model):
+        if is_external(t):
+            return False
+        total += math.prod(t.dims) * (itemsize(t.data_type) or 8)
+        if total > _ONE_BUFFER:
+            return False
+    return True
 
 
 def _write_inline(model: onnx.ModelProto, out: BinaryIO) -> None:

@@ -18,9 +18,11 @@ from bnfold.cli.common import (EXIT_STRICT, Command, RunInfo, emit, load_job, mo
 from bnfold.commit import staged
 from bnfold.errors import BadInput
 from bnfold.fold import fold, to_inference_mode, upgrade
+from bnfold.graph import MIN_OPSET, default_opset
 from bnfold.io import load
 from bnfold.rules.plan import scratch_directory
 from bnfold.verify import verify
+from bnfold.verify.runtime import session_ahead
 
 
 @click.command("fold", cls=Command)
@@ -132,6 +134,9 @@ def fold_file(input_path: str, output: str | None, in_place: bool, options: Fold
             stage = stack.enter_context(staged(job.output, data_name=job.data_name,
                                                protect=job.protect))
             stack.enter_context(scratch_directory(stage.folder, job.output))
+        ahead = stage is not None and _check_ahead(job.model, options, input_size)
+        if ahead:  # the check's first session, the original's, is built during the fold
+            stack.enter_context(session_ahead(input_path, options.verbose))
         # New weights wait on disk for `save` to stream them: in the output's stage folder,
         # or (a dry run of a model with external data) in TMPDIR.
         with run.step("fold"):
@@ -159,7 +164,9 @@ def fold_file(input_path: str, output: str | None, in_place: bool, options: Fold
         gc.collect()
         if report.changed and not options.no_verify:
             progress("verifying")
-            with run.step("check"):
+            with run.step("check"), ExitStack() as check_stack:
+                if ahead:  # and the folded model's, while the check reads the models
+                    check_stack.enter_context(session_ahead(stage.path, options.verbose))
                 reference = input_path
                 if report.upgraded_from is not None:  # onnxruntime cannot run BN-6: compare
                     reference = upgrade(load(input_path, check=False))  # with onnx's conversion
@@ -183,6 +190,19 @@ def fold_file(input_path: str, output: str | None, in_place: bool, options: Fold
         report_failed(report.verification, quiet, done)
         return 1
     return _strict_code(report, options.strict)
+
+
+# Up to this size, the check's session of the original is built while the model folds (on
+# a second core, for the price of holding the session beside the model during the fold).
+_AHEAD_LIMIT = 64 * 2**20
+
+
+def _check_ahead(model: onnx.ModelProto, options: FoldOptions, input_size: int) -> bool:
+    """Whether the check will most likely run on INPUT as it is: it is checked, small, of an
+    opset onnxruntime runs as it is, and has a batch norm node to fold."""
+    return (not options.no_verify and not options.training_to_inference
+            and input_size <= _AHEAD_LIMIT and default_opset(model) >= MIN_OPSET
+            and any(n.op_type == "BatchNormalization" for n in model.graph.node))
 
 
 def _emit(report, run: RunInfo, json_path, quiet, protect, summary: list | None) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import ctypes
 import os
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from functools import cache
 
 import ml_dtypes
@@ -75,6 +77,70 @@ def session(model: Model, base_dir: str | os.PathLike | None, role: str, *,
 def load_session(model: Model, base_dir: str | os.PathLike | None, *, verbose: bool = False,
                  initializers: Mapping[str, np.ndarray] | None = None):
     """As `session`, raising RunFailed (or BadInput for a missing base_dir)."""
+    if not isinstance(model, onnx.ModelProto) and not initializers:
+        ahead = _taken_ahead(model, verbose)
+        if ahead is not None:
+            return ahead.result()
+    return _load_session(model, base_dir, verbose, initializers)
+
+
+class _Ahead:
+    """A session of a model file being built on a thread (onnxruntime builds it without the
+    GIL), while the caller does other work."""
+
+    def __init__(self, path: str, verbose: bool):
+        self.verbose = verbose
+        self._session = self._error = None
+        self._thread = threading.Thread(target=self._build, args=(path,), daemon=True,
+                                        name="bnfold-session-ahead")
+        self._thread.start()
+
+    def _build(self, path: str) -> None:
+        try:
+            self._session = _load_session(path, None, self.verbose, None)
+        except BaseException as err:  # handed to the caller, in its thread
+            self._error = err
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._session
+
+
+_AHEAD: dict[str, _Ahead] = {}
+_AHEAD_LOCK = threading.Lock()
+
+
+@contextmanager
+def session_ahead(path: str | os.PathLike, verbose: bool = False) -> Iterator[None]:
+    """Start building the session of the model file at ``path`` now; the first `load_session`
+    of that path (same ``verbose``, no ``initializers``) within the block takes it instead of
+    building one. The file must not change in the meantime. What is not taken is dropped at
+    the end of the block (a session still building finishes on its own thread)."""
+    key = os.path.abspath(os.fspath(path))
+    _ort()  # imported here, not on the thread
+    with _AHEAD_LOCK:
+        _AHEAD[key] = _Ahead(key, verbose)
+    try:
+        yield
+    finally:
+        with _AHEAD_LOCK:
+            _AHEAD.pop(key, None)
+
+
+def _taken_ahead(path: str | os.PathLike, verbose: bool) -> _Ahead | None:
+    key = os.path.abspath(os.fspath(path))
+    with _AHEAD_LOCK:
+        ahead = _AHEAD.get(key)
+        if ahead is None or ahead.verbose != verbose:
+            return None
+        del _AHEAD[key]
+    return ahead
+
+
+def _load_session(model: Model, base_dir: str | os.PathLike | None, verbose: bool,
+                  initializers: Mapping[str, np.ndarray] | None):
     ort = _ort()
     set_verbose(verbose)
     options = ort.SessionOptions()
