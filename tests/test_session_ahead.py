@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import onnx
 import pytest
@@ -84,3 +86,20 @@ def test_an_ahead_session_is_taken_once_and_only_with_the_same_verbosity(tmp_pat
         runtime.load_session(str(path), None)
         runtime.load_session(str(path), None)
     assert [w for _, w in builds] == ["ahead", "inline", "inline"]
+
+
+def test_a_session_not_taken_is_waited_for_not_left_building_at_exit(tmp_path):
+    """A process leaving the block while onnxruntime still builds on the other thread would be
+    aborted at exit ("terminate called without an active exception"): the block waits."""
+    from onnx import TensorProto, helper
+    nodes = [helper.make_node("Relu", [f"x{i}"], [f"x{i + 1}"]) for i in range(3000)]
+    graph = helper.make_graph(nodes, "relus",
+                              [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("x3000", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "relus.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    code = ("import sys\nfrom bnfold.verify import runtime\n"
+            "with runtime.session_ahead(sys.argv[1]):\n    pass\n")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                          text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (0, "")

@@ -101,8 +101,11 @@ class _Ahead:
         except BaseException as err:  # handed to the caller, in its thread
             self._error = err
 
-    def result(self):
+    def wait(self) -> None:
         self._thread.join()
+
+    def result(self):
+        self.wait()
         if self._error is not None:
             raise self._error
         return self._session
@@ -117,16 +120,21 @@ def session_ahead(path: str | os.PathLike, verbose: bool = False) -> Iterator[No
     """Start building the session of the model file at ``path`` now; the first `load_session`
     of that path (same ``verbose``, no ``initializers``) within the block takes it instead of
     building one. The file must not change in the meantime. What is not taken is dropped at
-    the end of the block (a session still building finishes on its own thread)."""
+    the end of the block, once built: a process that exits while onnxruntime builds a session
+    on another thread is aborted by the C++ runtime ("terminate called without an active
+    exception")."""
     key = os.path.abspath(os.fspath(path))
     _ort()  # imported here, not on the thread
+    ahead = _Ahead(key, verbose)
     with _AHEAD_LOCK:
-        _AHEAD[key] = _Ahead(key, verbose)
+        _AHEAD[key] = ahead
     try:
         yield
     finally:
         with _AHEAD_LOCK:
-            _AHEAD.pop(key, None)
+            if _AHEAD.get(key) is ahead:
+                del _AHEAD[key]
+        ahead.wait()
 
 
 def _taken_ahead(path: str | os.PathLike, verbose: bool) -> _Ahead | None:
