@@ -16,11 +16,8 @@ from typing import NamedTuple
 
 import onnx
 
-from bnfold.nodes import display_name
+from bnfold.nodes import display_name, graphs, subgraphs
 from bnfold.report import ModelStats, RemovedNode
-
-_GRAPH_ATTRIBUTES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-
 
 class Seen(NamedTuple):
     """One node of a snapshot."""
@@ -28,13 +25,10 @@ class Seen(NamedTuple):
     path: str  # the graph it is in, as the fold report names it: "main", "main/If_0:then_branch"
     op: str  # op type, prefixed by its domain outside the default one
     name: str
+    display_name: str  # nodes.display_name's
     first_input: str
     first_output: str
     parameters: int  # a Constant's value's element count; 0 for other nodes
-
-    @property
-    def display_name(self) -> str:
-        return self.name or self.first_output or self.op.rpartition(".")[2]  # as nodes.py's
 
 
 def snapshot(model: onnx.ModelProto) -> list[Seen]:
@@ -54,23 +48,12 @@ def _record(graph: onnx.GraphProto, path: str, seen: list[Seen]) -> None:
         parameters = 0
         if op_type == "Constant":
             parameters = sum(math.prod(a.t.dims) for a in node.attribute if a.name == "value")
-        append(Seen(path, op, node.name, inputs[0] if inputs else "",
+        shown = display_name(node)
+        append(Seen(path, op, node.name, shown, inputs[0] if inputs else "",
                     outputs[0] if outputs else "", parameters))
-        if node.attribute:
-            for a in node.attribute:
-                if a.type in _GRAPH_ATTRIBUTES:
-                    _record_subgraphs(node, path, seen)
-                    break
-
-
-def _record_subgraphs(node: onnx.NodeProto, path: str, seen: list[Seen]) -> None:
-    owner = f"{path}/{display_name(node)}"
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            _record(a.g, f"{owner}:{a.name}", seen)
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            for i, g in enumerate(a.graphs):
-                _record(g, f"{owner}:{a.name}[{i}]", seen)
+        if node.attribute:  # (most nodes have none: no subgraph to look for)
+            for attr_name, sub in subgraphs(node):
+                _record(sub, f"{path}/{shown}:{attr_name}", seen)
 
 
 def census(model: onnx.ModelProto, seen: list[Seen]) -> ModelStats:
@@ -78,9 +61,7 @@ def census(model: onnx.ModelProto, seen: list[Seen]) -> ModelStats:
     as snapshot `seen` of it shows it."""
     ops = Counter(s.op for s in seen)
     parameters = sum(s.parameters for s in seen)
-    parameters += sum(math.prod(t.dims) for t in model.graph.initializer)
-    for graph in _subgraphs(model.graph):
-        parameters += sum(math.prod(t.dims) for t in graph.initializer)
+    parameters += sum(math.prod(t.dims) for g in graphs(model.graph) for t in g.initializer)
     return ModelStats(nodes=len(seen), parameters=parameters, ops=dict(sorted(ops.items())))
 
 
@@ -109,17 +90,3 @@ def _keys(s: Seen) -> tuple[tuple[str, str, str, str], ...]:
         return ((s.path, s.op, "name", s.name),)
     return ((s.path, s.op, "input", s.first_input), (s.path, s.op, "output", s.first_output))
 
-
-def _subgraphs(graph: onnx.GraphProto):
-    """Every subgraph in `graph`, at any depth."""
-    for node in graph.node:
-        if not node.attribute:
-            continue
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield a.g
-                yield from _subgraphs(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield g
-                    yield from _subgraphs(g)

@@ -157,12 +157,12 @@ def fold_file(input_path: str, output: str | None, in_place: bool, options: Fold
                 progress("saving")
                 stage.save(folded, base_dir=job.base_dir,
                            external_data=had_external_data or None)
-        # Saved: the check reads both models from their files, one at a time, so the folded
-        # model is not held beside them (the fold's bookkeeping leaves reference cycles that
-        # reach it: collect them now rather than at some later allocation).
-        job.model = folded = None
-        gc.collect()
+        job.model = folded = None  # saved: not needed again
         if report.changed and not options.no_verify:
+            # The check reads both models from their files, one at a time, so the folded model
+            # is not held beside them (the fold's bookkeeping leaves reference cycles that reach
+            # it: collect them now rather than at some later allocation).
+            gc.collect()
             progress("verifying")
             with run.step("check"), ExitStack() as check_stack:
                 if ahead:  # and the folded model's, while the check reads the models
