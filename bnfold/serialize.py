@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 import onnx
 
@@ -26,13 +26,37 @@ _CHUNK = 64 << 20  # bytes copied at a time from an input's external data
 EXTERNAL_THRESHOLD = 1024  # in-memory tensors larger than this go to the data file too
 
 
-def needs_data_file(model: onnx.ModelProto, external_data: bool | None = None) -> bool:
+class _Weights(NamedTuple):
+    """What `write_model` needs to know of a model's tensors, from one walk over them."""
+
+    shared: bool  # some tensor is in an external file of the input (not a fold's scratch file)
+    external: bool  # some tensor is external (scratch files included)
+    nbytes: int  # their data's size from the shapes (types of no fixed item size count 0)
+    nbytes_padded: int  # the same, types of no fixed item size at 8 bytes an element
+
+
+def _weights(model: onnx.ModelProto) -> _Weights:
+    shared = external = False
+    nbytes = padded = 0
+    for t in tensors(model):
+        count, size = math.prod(t.dims), itemsize(t.data_type)
+        nbytes += count * size
+        padded += count * (size or 8)
+        if is_external(t):
+            external = True
+            shared = shared or not is_spilled(t)
+    return _Weights(shared, external, nbytes, padded)
+
+
+def needs_data_file(model: onnx.ModelProto, external_data: bool | None = None,
+                    weights: _Weights | None = None) -> bool:
     """Whether `write_model` writes a data file: `external_data` if given, else when the model
     keeps tensors in external files (weights spilled to scratch files aside) or is too large for
-    one protobuf."""
+    one protobuf. `weights`: `_weights(model)`, when the caller has it."""
+    weights = weights or _weights(model)
     if external_data is None:
-        external_data = any(is_external(t) and not is_spilled(t) for t in tensors(model))
-    return external_data or too_large(model)
+        external_data = weights.shared
+    return external_data or _too_large(model, weights.nbytes)
 
 
 def write_model(model: onnx.ModelProto, path: str, *, data_name: str, base_dir: str | None,
@@ -41,14 +65,15 @@ def write_model(model: onnx.ModelProto, path: str, *, data_name: str, base_dir: 
     `needs_data_file` (every in-memory tensor over 1 KiB joins the ones already external).
     Tensors still external are read relative to `base_dir`. Both files are fsynced; `model` is
     left as it was. Returns whether a data file was written."""
-    if not needs_data_file(model, external_data):
+    weights = _weights(model)
+    if not needs_data_file(model, external_data, weights):
         with _synced(path) as f:
-            if _small_and_in_memory(model):
+            if not weights.external and weights.nbytes_padded <= _ONE_BUFFER:
                 f.write(model.SerializeToString())  # one call: cheaper for many small tensors
             else:
                 _write_inline(model, f)
         return False
-    if base_dir is None and any(is_external(t) and not is_spilled(t) for t in tensors(model)):
+    if base_dir is None and weights.shared:
         raise ValueError("save: the model has external data; pass base_dir (its directory)")
     with _synced(os.path.join(os.path.dirname(path), data_name)) as data_file:
         shell = _externalized(model, data_file, data_name, base_dir or "")
@@ -72,12 +97,12 @@ def is_spilled(t: onnx.TensorProto) -> bool:
     return is_external(t) and os.path.isabs(external(t).location)
 
 
-def too_large(model: onnx.ModelProto) -> bool:
+def _too_large(model: onnx.ModelProto, nbytes: int) -> bool:
+    """Whether `model`, whose tensor data is `nbytes` by the shapes, exceeds one protobuf."""
     # ByteSize() serializes the whole model with some protobuf builds: estimate from the tensor
     # shapes first, and measure only when the estimate is close to the limit.
-    estimate = sum(math.prod(t.dims) * itemsize(t.data_type) for t in tensors(model))
-    if estimate < PROTOBUF_LIMIT // 2 or estimate > PROTOBUF_LIMIT:
-        return estimate > PROTOBUF_LIMIT
+    if nbytes < PROTOBUF_LIMIT // 2 or nbytes > PROTOBUF_LIMIT:
+        return nbytes > PROTOBUF_LIMIT
     try:
         return model.ByteSize() > PROTOBUF_LIMIT
     except Exception:  # some protobuf builds refuse to even measure a message this large
@@ -85,19 +110,6 @@ def too_large(model: onnx.ModelProto) -> bool:
 
 
 _ONE_BUFFER = 64 << 20  # bytes of tensor data: a model this small is serialized in one buffer
-
-
-def _small_and_in_memory(model: onnx.ModelProto) -> bool:
-    """Whether every tensor's data is in the model and they come to at most `_ONE_BUFFER`
-    bytes: then one serialized copy of the model costs less than streaming it."""
-    total = 0
-    for t in tensors(model):
-        if is_external(t):
-            return False
-        total += math.prod(t.dims) * (itemsize(t.data_type) or 8)
-        if total > _ONE_BUFFER:
-            return False
-    return True
 
 
 def _write_inline(model: onnx.ModelProto, out: BinaryIO) -> None:

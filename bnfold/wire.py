@@ -27,11 +27,14 @@ def tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
     def in_nodes(nodes) -> Iterator[onnx.TensorProto]:
         for node in nodes:
-            for a in node.attribute:
+            for a in node.attribute:  # (most nodes have none; the tests are the cost here)
                 if a.HasField("t"):
                     yield a.t
-                yield from a.tensors
-                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                if a.tensors:
+                    yield from a.tensors
+                if a.HasField("g"):
+                    yield from in_graph(a.g)
+                for g in a.graphs:
                     yield from in_graph(g)
 
     def in_graph(g: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

@@ -193,6 +193,31 @@ def test_save_small_model_inline(tmp_path):
     assert onnx.load(str(tmp_path / "out.onnx")) == model
 
 
+def test_one_buffer_and_streamed_single_file_writes_are_the_same_model(tmp_path, monkeypatch):
+    # A small in-memory model is serialized in one call; larger ones are streamed a tensor at a
+    # time: both must read back as the model, tensors in subgraphs and attributes included.
+    model = add_chain_model(size=300)  # 1.2 KB tensors: over the inline threshold
+    then = helper.make_graph([helper.make_node("Constant", [], ["t"], value=numpy_helper.from_array(
+        np.arange(400, dtype=np.float32)))], "then", [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [400])])
+    model.graph.node.append(helper.make_node("If", ["c"], ["o"], then_branch=then,
+                                             else_branch=then))
+    save(model, tmp_path / "one.onnx")
+    monkeypatch.setattr(bnfold.serialize, "_ONE_BUFFER", 0)
+    save(model, tmp_path / "streamed.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["one.onnx", "streamed.onnx"]
+    for name in ("one.onnx", "streamed.onnx"):
+        assert onnx.load(str(tmp_path / name)) == model
+
+
+def test_save_of_external_data_needs_base_dir(tmp_path):
+    save_external(add_chain_model(size=300), tmp_path / "model.onnx")
+    model = load(tmp_path / "model.onnx")
+    with pytest.raises(ValueError, match="pass base_dir"):
+        save(model, tmp_path / "copy.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.onnx.data"]
+
+
 def test_round_trip_with_external_data(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
