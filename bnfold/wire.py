@@ -27,7 +27,7 @@ def tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
     def in_nodes(nodes) -> Iterator[onnx.TensorProto]:
         for node in nodes:
-            for a in node.attribute:  # (most nodes have none; the tests are the cost here)
+            for a in node.attribute:  # only the fields set are iterated: most are empty
                 if a.HasField("t"):
                     yield a.t
                 if a.tensors:
