@@ -48,12 +48,11 @@ def _weights(model: onnx.ModelProto) -> _Weights:
     return _Weights(shared, external, nbytes, padded)
 
 
-def needs_data_file(model: onnx.ModelProto, external_data: bool | None = None,
-                    weights: _Weights | None = None) -> bool:
+def needs_data_file(model: onnx.ModelProto, external_data: bool | None,
+                    weights: _Weights) -> bool:
     """Whether `write_model` writes a data file: `external_data` if given, else when the model
     keeps tensors in external files (weights spilled to scratch files aside) or is too large for
-    one protobuf. `weights`: `_weights(model)`, when the caller has it."""
-    weights = weights or _weights(model)
+    one protobuf. `weights`: `_weights(model)`."""
     if external_data is None:
         external_data = weights.shared
     return external_data or _too_large(model, weights.nbytes)
