@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
@@ -96,6 +97,9 @@ class _Ahead:
         self._thread.start()
 
     def _build(self, path: str) -> None:
+        # SIGINT and SIGTERM go to the main thread, where bnfold acts on them: blocked here, and
+        # so in the worker threads onnxruntime starts from here (they inherit the mask).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             self._session = _load_session(path, None, self.verbose, None)
         except BaseException as err:  # handed to the caller, in its thread
