@@ -97,9 +97,8 @@ class _Ahead:
         self._thread.start()
 
     def _build(self, path: str) -> None:
-        # SIGINT and SIGTERM go to the main thread, where bnfold acts on them: blocked here, and
-        # so in the worker threads onnxruntime starts from here (they inherit the mask).
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        # This thread too leaves SIGINT and SIGTERM to the main thread, which acts on them.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
         try:
             self._session = _load_session(path, None, self.verbose, None)
         except BaseException as err:  # handed to the caller, in its thread
@@ -151,8 +150,31 @@ def _taken_ahead(path: str | os.PathLike, verbose: bool) -> _Ahead | None:
     return ahead
 
 
+_STOPS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextmanager
+def signals_left_to_main_thread() -> Iterator[None]:
+    """Around building a session: the worker threads onnxruntime starts block SIGINT and
+    SIGTERM, as they inherit the mask of the thread that starts them. Otherwise the kernel may
+    hand such a signal to one of them (they spin, waiting for work): Python then acts on it only
+    when the main thread next runs Python code, long after if it waits in a blocking call. A
+    signal arriving within the block waits until its end."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _load_session(model: Model, base_dir: str | os.PathLike | None, verbose: bool,
                   initializers: Mapping[str, np.ndarray] | None):
+    with signals_left_to_main_thread():
+        return _built_session(model, base_dir, verbose, initializers)
+
+
+def _built_session(model: Model, base_dir: str | os.PathLike | None, verbose: bool,
+                   initializers: Mapping[str, np.ndarray] | None):
     ort = _ort()
     set_verbose(verbose)
     options = ort.SessionOptions()
