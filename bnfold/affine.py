@@ -8,6 +8,7 @@ fixed affine map (training mode, non-constant parameters, var + eps <= 0, ...).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import ml_dtypes
@@ -37,8 +38,14 @@ class Affine:
     def per_channel(self, channels: int) -> tuple[np.ndarray, np.ndarray] | str:
         if self.scale.size not in (1, channels) or self.shift.size not in (1, channels):
             return f"{self.name} has {self.scale.size} channels, the layer has {channels}"
-        return (np.broadcast_to(self.scale, (channels,)).astype(np.float64),
-                np.broadcast_to(self.shift, (channels,)).astype(np.float64))
+        return _channels(self.scale, channels), _channels(self.shift, channels)
+
+
+def _channels(values: np.ndarray, channels: int) -> np.ndarray:
+    """A float64 copy of `values` as [channels] (broadcast from [1])."""
+    if values.shape == (channels,):  # the usual case, without broadcast_to's cost
+        return values.astype(np.float64)
+    return np.broadcast_to(values, (channels,)).astype(np.float64)
 
 
 def training_reason(node: onnx.NodeProto, opset: int) -> str | None:
@@ -88,13 +95,13 @@ def bn_affine(view: GraphView, node: onnx.NodeProto) -> Affine | str:
     runtime = np.float64 if stored_var.dtype == np.float64 else np.float32
     with np.errstate(all="ignore"):
         positive = stored_var.astype(runtime) + runtime(eps) > 0
-    if not np.all(positive):
+    if not positive.all():
         channel = int(np.flatnonzero(~positive)[0])
         return f"var + eps <= 0 on channel {channel}"
     denom = var + np.float64(eps)
     scale = gamma / np.sqrt(denom)
     shift = beta - mean * scale
-    if not (np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))):
+    if not (np.isfinite(scale).all() and np.isfinite(shift).all()):
         return "folded scale or shift is not finite"
     return Affine(display_name(node), node.input[0], node.output[0], scale, shift, [node],
                   params=list(node.input[1:5]))
@@ -121,9 +128,9 @@ def cast_to(values: np.ndarray, data_type: int) -> np.ndarray | str:
         return f"weight type {helper.tensor_dtype_to_string(data_type)} is not a float type"
     # max and min propagate NaN and need no temporary as large as the weight
     high, low = (float(values.max()), float(values.min())) if values.size else (0.0, 0.0)
-    if not (np.isfinite(high) and np.isfinite(low)):
+    if not (math.isfinite(high) and math.isfinite(low)):
         return "folded weights are not finite"
-    limit = float(ml_dtypes.finfo(np_type).max)
+    limit = _LIMITS[np_type]
     if max(high, -low) > limit:
         name = helper.tensor_dtype_to_string(data_type)[len("TensorProto."):].lower()
         return f"folded weights: a value overflows {name} (max {max(high, -low):.4g} > {limit:g})"
@@ -132,6 +139,8 @@ def cast_to(values: np.ndarray, data_type: int) -> np.ndarray | str:
     return values.astype(np_type)
 
 
+_LIMITS = {np_type: float(ml_dtypes.finfo(np_type).max) for np_type in FLOAT_TYPES.values()}
+
 _BLOCK = 1 << 18  # float64 elements (2 MiB) scaled at a time
 
 
@@ -139,8 +148,8 @@ def scaled(w: np.ndarray, factor: np.ndarray, data_type: int) -> np.ndarray | st
     """`cast_to(float64(w) * factor, data_type)`, a block of rows at a time: the float64 product
     of a large weight is never held whole (allocating it costs more than the arithmetic).
     `factor` has the rank of `w` and broadcasts to it."""
-    if FLOAT_TYPES.get(data_type) is None or w.ndim == 0 or w.size == 0:
-        return cast_to(w.astype(np.float64) * factor, data_type)
+    if FLOAT_TYPES.get(data_type) is None or w.ndim == 0 or w.size <= _BLOCK:
+        return cast_to(w.astype(np.float64) * factor, data_type)  # (one block: the same)
     rows = max(1, _BLOCK // (w.size // len(w)))
     block = np.empty((min(rows, len(w)),) + w.shape[1:], np.float64)
     out = None

@@ -30,8 +30,6 @@ FLOAT_TYPES = {
     onnx.TensorProto.BFLOAT16: ml_dtypes.bfloat16,
 }
 
-_GRAPH_ATTRIBUTES = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-
 # Largest initializer (in elements) copied into the model used for shape inference.
 _SHAPE_DATA_LIMIT = 4096
 
@@ -68,8 +66,7 @@ def all_names(model: onnx.ModelProto) -> set[str]:
         names.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
         for node in g.node:
             names.add(node.name)
-            names.update(node.input)
-            names.update(node.output)
+            names.update(node.input, node.output)
             for _, sub in subgraphs(node):
                 visit(sub)
 
@@ -421,9 +418,8 @@ class GraphView:
                 self.producer[o] = node
                 self.scope.defined.add(o)
         used = [n for n in node.input if n]
-        if any(a.type in _GRAPH_ATTRIBUTES for a in node.attribute):
-            for _, sub in subgraphs(node):
-                used += sorted(free_names(sub))
+        for _, sub in subgraphs(node):
+            used += sorted(free_names(sub))
         reads = tuple(dict.fromkeys(used))
         key = id(node)
         for name in reads:

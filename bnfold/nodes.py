@@ -28,13 +28,21 @@ def set_attr(node: onnx.NodeProto, name: str, value) -> None:
     node.attribute.append(onnx.helper.make_attribute(name, value))
 
 
-def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+_GRAPH, _GRAPHS = onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS
+
+
+def subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
+    """(attribute name, graph) for each graph in the node's attributes, a GRAPHS attribute's
+    as "name[i]". A list, empty for most nodes: whole-model walks call this once per node, and
+    a generator costs more to make."""
+    found = []
     for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            yield a.name, a.g
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            for i, g in enumerate(a.graphs):
-                yield f"{a.name}[{i}]", g
+        kind = a.type
+        if kind == _GRAPH:
+            found.append((a.name, a.g))
+        elif kind == _GRAPHS:
+            found += [(f"{a.name}[{i}]", g) for i, g in enumerate(a.graphs)]
+    return found
 
 
 def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
