@@ -231,15 +231,16 @@ def _near(view: GraphView, nodes: list[onnx.NodeProto], values: set[str],
     seen = {id(n) for n in nodes}
     frontier = nodes
     for hop in range(hops + 1):
-        for n in frontier:
-            if not (disjoint(n.input) and disjoint(n.output)):
+        ends = [(n.input, n.output) for n in frontier]
+        for inputs, outputs in ends:
+            if not (disjoint(inputs) and disjoint(outputs)):
                 return True
         if hop == hops:
             return False
         near = []
-        for n in frontier:
-            near += map(producer, n.input)
-            for name in n.output:
+        for inputs, outputs in ends:
+            near += map(producer, inputs)
+            for name in outputs:
                 near += users(name)
         frontier = []
         for n in near:
@@ -434,15 +435,18 @@ class _FoldRun:
                 remove_where(graph.input, lambda i: i.name in doomed)
             remove_where(graph.node, lambda n: id(n) in doomed_nodes)
             remove_where(graph.value_info, lambda v: v.name in doomed)
-        produced: set[str] = set()
-        for graph in all_graphs:
-            produced.update(i.name for i in graph.input)
-            produced.update(t.name for t in graph.initializer)
-            for node in graph.node:
-                produced.update(node.output)
-        for graph in all_graphs:
-            remove_where(graph.value_info,
-                         lambda v: v.name in self.dropped and v.name not in produced)
+        described = self.dropped.intersection(v.name for graph in all_graphs
+                                              for v in graph.value_info)
+        if described:  # value_info of values that may be gone: those that are go too
+            produced: set[str] = set()
+            for graph in all_graphs:
+                produced.update(i.name for i in graph.input)
+                produced.update(t.name for t in graph.initializer)
+                for node in graph.node:
+                    produced.update(node.output)
+            gone = described - produced
+            for graph in all_graphs:
+                remove_where(graph.value_info, lambda v: v.name in gone)
         return bool(doomed_nodes)
 
 

@@ -413,19 +413,20 @@ class GraphView:
         outputs = tuple(node.output)
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             self.scope.constant_nodes[outputs[0]] = node
+        producer, defined, all_readers = self.producer, self.scope.defined, self._readers
         for o in outputs:
             if o:
-                self.producer[o] = node
-                self.scope.defined.add(o)
+                producer[o] = node
+                defined.add(o)
         used = [n for n in node.input if n]
         for _, sub in subgraphs(node):
             used += sorted(free_names(sub))
         reads = tuple(dict.fromkeys(used))
         key = id(node)
         for name in reads:
-            readers = self._readers.get(name)
+            readers = all_readers.get(name)
             if readers is None:
-                self._readers[name] = {key: node}
+                all_readers[name] = {key: node}
             else:
                 readers[key] = node
         self._indexed[key] = (node, reads, outputs)

@@ -43,7 +43,11 @@ class Plan:
                                              + self.rewire + self.outputs]
         if self.add_bias is not None:
             nodes.append(self.add_bias[0])
-        return {name for n in nodes for name in (*n.input, *n.output) if name}
+        names: set[str] = set()
+        for n in {id(n): n for n in nodes}.values():  # (the layer comes up more than once)
+            names.update(n.input, n.output)
+        names.discard("")
+        return names
 
 
 def fill(tensor: onnx.TensorProto, values: np.ndarray, spill: Spill | None = None) -> None:
