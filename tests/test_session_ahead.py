@@ -60,6 +60,19 @@ def test_without_the_check_nothing_is_built(tmp_path, builds):
     assert builds == []
 
 
+def test_a_batch_norm_of_another_domain_builds_nothing_ahead(tmp_path, builds):
+    """Not ONNX's BatchNormalization: nothing to fold, so no check, and no session built."""
+    model = conv_bn_model()
+    model.graph.node[1].domain = "com.example"
+    model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    src, out = tmp_path / "m.onnx", tmp_path / "m.folded.onnx"
+    onnx.save(model, src)
+    result = CliRunner().invoke(main, ["fold", str(src), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "nothing to fold" in result.output
+    assert builds == []
+
+
 def test_large_inputs_build_their_sessions_in_the_check(tmp_path, builds, monkeypatch):
     monkeypatch.setattr(cli_fold, "_AHEAD_LIMIT", 0)
     src, out, report = _fold(tmp_path)

@@ -202,7 +202,8 @@ def _check_ahead(model: onnx.ModelProto, options: FoldOptions, input_size: int) 
     opset onnxruntime runs as it is, and has a batch norm node to fold."""
     return (not options.no_verify and not options.training_to_inference
             and input_size <= _AHEAD_LIMIT and default_opset(model) >= MIN_OPSET
-            and any(n.op_type == "BatchNormalization" for n in model.graph.node))
+            and any(n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")
+                    for n in model.graph.node))
 
 
 def _emit(report, run: RunInfo, json_path, quiet, protect, summary: list | None) -> None:
