@@ -10,7 +10,6 @@ passes through with a small, constant footprint.
 
 from __future__ import annotations
 
-import itertools
 import os
 import stat
 import zipfile
@@ -56,13 +55,17 @@ def load(path: str | os.PathLike, *, load_external_data: bool = False, check: bo
     if opset is not None and not 1 <= opset <= onnx.defs.onnx_opset_version():
         raise BadInput(f"{path}: unsupported opset {opset} "
                        f"(bnfold supports 1..{onnx.defs.onnx_opset_version()})")
-    for t in tensors(model):
+    # `tensors` yields the main graph's initializers first (protobuf's Python wrappers have no
+    # stable identity to tell them by)
+    main_initializers, external_elsewhere = len(model.graph.initializer), False
+    for i, t in enumerate(tensors(model)):
         if is_external(t):
             _check_external(path, base_dir, t)
+            external_elsewhere = external_elsewhere or i >= main_initializers
     if check:
         if progress:
             progress("checking")
-        _check(model, path, sizes)
+        _check(model, path, sizes, external_elsewhere)
     if load_external_data:
         load_external_data_for_model(model, base_dir)
     return model
@@ -159,18 +162,17 @@ def _check_regular(path: str, what: str) -> None:
         raise BadInput(f"{what}{path}: not a regular file ({kind})")
 
 
-def _check(model: onnx.ModelProto, path: str, sizes: list[int]) -> None:
+def _check(model: onnx.ModelProto, path: str, sizes: list[int],
+           external_elsewhere: bool) -> None:
     """onnx.checker on the model's structure, without reading or copying its weights.
 
     The checker runs on a shell whose large initializers are empty tensors of the same name and
     type; what the checker would have checked of those (their byte count, `sizes`, read from
     the file by `_raw_data_sizes`: reading `raw_data` back from protobuf would copy it) is
-    checked here.
+    checked here. `external_elsewhere`: some tensor outside the main graph's initializers is in
+    external data.
     """
-    # `tensors` yields the main graph's initializers first (protobuf's Python wrappers have no
-    # stable identity to tell them by)
-    others = itertools.islice(tensors(model), len(model.graph.initializer), None)
-    if any(is_external(t) for t in others):
+    if external_elsewhere:
         shell = path  # external data in subgraphs: let the checker read the file itself
     else:
         shell = without_initializers(model)
