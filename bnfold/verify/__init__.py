@@ -95,7 +95,7 @@ def check_runs(reference: Model, candidate: Model, *, ref_dir, cand_dir, inputs,
     cand = interface(candidate)
     check_same_interface(ref, cand)
     if inputs is None:
-        maker = InputMaker(None, ref, dims, ref.dims | cand.dims, seed, uses=uses)
+        maker = InputMaker(ref, dims, ref.dims | cand.dims, seed, uses)
     else:
         given = (
             "given inputs" if isinstance(inputs, Mapping) else f"inputs from {os.fspath(inputs)}"
@@ -284,7 +284,8 @@ def random_inputs(
     model = read_model(model)
     iface = interface(model)
     try:
-        return InputMaker(model, iface, dims, iface.dims, seed).draw(draw).feeds
+        uses = input_uses(model, iface.inputs)
+        return InputMaker(iface, dims, iface.dims, seed, uses).draw(draw).feeds
     except CannotDraw as err:
         raise BadInput(f"cannot draw inputs: {err}") from None
 

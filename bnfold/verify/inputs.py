@@ -27,7 +27,7 @@ from bnfold.errors import BadInput, one_line
 from bnfold.graph import FLOAT_TYPES
 from bnfold.io import load_inputs
 from bnfold.nodes import graphs
-from bnfold.verify.usage import Use, input_uses
+from bnfold.verify.usage import Use
 
 Model = onnx.ModelProto | str | os.PathLike
 
@@ -258,10 +258,9 @@ _COMBOS = (("primes", "normal"), ("ones", "uniform 0..255"))
 class InputMaker:
     """Draws inputs for one model; ``draw(i)`` is the i-th draw of a check."""
 
-    def __init__(self, model: Model | None, iface: Interface, dims: Mapping[str, int] | None,
-                 avoid: set[int], seed: int, uses: dict[str, Use] | None = None):
-        """``uses``: ``input_uses`` of the model, when the caller has them (``model`` is then
-        not read)."""
+    def __init__(self, iface: Interface, dims: Mapping[str, int] | None, avoid: set[int],
+                 seed: int, uses: dict[str, Use]):
+        """``uses``: ``input_uses`` of the model."""
         self.inputs, self.seed = iface.inputs, seed
         given = check_dims(self.inputs, dims)
         self.given = set(given)
@@ -269,7 +268,7 @@ class InputMaker:
             "primes": _shrink_to_fit(self.inputs, dim_sizes(self.inputs, given, avoid), self.given),
             "ones": {k: given.get(k, 1) for k in dim_keys(self.inputs)},
         }
-        self.uses = uses if uses is not None else input_uses(read_model(model), self.inputs)
+        self.uses = uses
 
     def draw(self, index: int) -> Draw:
         size_kind, floats = _COMBOS[index % len(_COMBOS)]
