@@ -92,7 +92,8 @@ def _report_changes(report: FoldReport, snapshots: list) -> None:
     batch_norms = {(d.graph, n) for d in report.decisions for n in [d.node, *d.nodes]}
     whys = ["no-op", "merged into a layer", "unused after folding"]
     for why, before, after in zip(whys, snapshots, snapshots[1:]):
-        report.removed += changes.removed_nodes(before, after, why, batch_norms)
+        if after is not before:  # (the same snapshot when a stage removed nothing)
+            report.removed += changes.removed_nodes(before, after, why, batch_norms)
     report.removed.sort(key=lambda r: order.get((r.graph, r.name), len(order)))
 
 
