@@ -23,7 +23,7 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
 import bnfold.cli.fold  # noqa: E402
 from bnfold.cli import main  # noqa: E402
-from commit_cases import CASES, conv_bn, make, save_model  # noqa: E402
+from commit_cases import CASES, conv_bn, make, save_model, spill_above  # noqa: E402
 
 # The file-system calls of a write: making the folder, each file reaching the disk, each
 # rename, link and removal.
@@ -80,7 +80,9 @@ def kill(base: str) -> dict:
             directory = os.path.join(base, f"case{c}", f"k{k}")
             args = make(case, directory) + ["--no-verify"]  # the write is what is killed
 
-            def work(k=k, args=args):
+            def work(k=k, args=args, limit=spill_above(case)):
+                if limit is not None:
+                    bnfold.cli.fold._SPILL_ABOVE = limit
                 before_step(k, lambda: os.kill(os.getpid(), signal.SIGKILL))
                 fold(args)
 

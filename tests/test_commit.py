@@ -24,8 +24,8 @@ import bnfold.cli.fold
 import bnfold.serialize
 from bnfold.cli import main
 from bnfold.commit import save
-from commit_cases import (CASES, X, check_consistent, conv_bn, digest, expected, leftovers,
-                          make, run, save_model)
+from commit_cases import (CASES, IN_MEMORY, X, check_consistent, conv_bn, digest, expected,
+                          leftovers, make, run, save_model, spill_above)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,6 +89,8 @@ class FailAt:
 @pytest.mark.parametrize("case", CASES)
 def test_a_failing_step_leaves_the_old_or_the_new_model(tmp_path, monkeypatch, case):
     *_, inputs = CASES[case]
+    if spill_above(case) is not None:
+        monkeypatch.setattr(bnfold.cli.fold, "_SPILL_ABOVE", spill_above(case))
     failed = []
     for k in range(1, 40):
         directory = tmp_path / f"k{k}"
@@ -117,8 +119,9 @@ def test_a_failing_step_leaves_the_old_or_the_new_model(tmp_path, monkeypatch, c
         assert leftovers(directory) == ([], [])
     else:
         pytest.fail("the run never ended without a fault")
-    assert "unlink" in failed  # removing the old data, or temporaries
-    two_steps = case != "over a single-file output"  # the model there reads the data name
+    # removing the old data, or temporaries (the scratch weights): none for a small model
+    assert ("unlink" in failed) == (case not in IN_MEMORY)
+    two_steps = "single-file" not in case  # the model there reads the data name
     assert failed.count("replace") == (4 if two_steps else 1)
 
 
@@ -491,6 +494,7 @@ def test_a_full_tmpdir_is_named(tmp_path, tiny_disk, monkeypatch):
 
 @pytest.mark.parametrize("data", ["m.onnx.data", None])
 def test_new_weights_wait_in_the_output_folder_not_in_tmpdir(tmp_path, monkeypatch, data):
+    monkeypatch.setattr(bnfold.cli.fold, "_SPILL_ABOVE", -1)  # as for a large model
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmpdir))
@@ -510,6 +514,26 @@ def test_new_weights_wait_in_the_output_folder_not_in_tmpdir(tmp_path, monkeypat
     assert in_tmpdir == []  # (bnfold imports onnxruntime, which writes TMPDIR/.ses, earlier)
     assert in_folder[0] == "m" and in_folder[1].startswith("weights-")  # the spilled weights
     assert os.listdir(tmpdir) == [] and leftovers(tmp_path) == ([], [])
+    np.testing.assert_allclose(run(out), expected(0), rtol=1e-4, atol=1e-4)
+
+
+def test_a_small_single_file_model_keeps_its_new_weights_in_memory(tmp_path, monkeypatch):
+    """Under bnfold.cli.fold._SPILL_ABOVE (64 MB), no scratch file: the stage holds the model
+    only, and `save` writes it in one buffer."""
+    save_model(conv_bn(0), tmp_path / "m.onnx")
+    seen = []
+    real_verify = bnfold.cli.fold.verify
+
+    def verify(reference, candidate, **kwargs):
+        folder = os.path.dirname(os.path.dirname(candidate))
+        seen.append(sorted(os.listdir(folder)))
+        return real_verify(reference, candidate, **kwargs)
+
+    monkeypatch.setattr(bnfold.cli.fold, "verify", verify)
+    out = tmp_path / "o.onnx"
+    assert cli("fold", tmp_path / "m.onnx", "-o", out, "-q").exit_code == 0
+    assert seen == [["m"]]
+    assert leftovers(tmp_path) == ([], [])
     np.testing.assert_allclose(run(out), expected(0), rtol=1e-4, atol=1e-4)
 
 

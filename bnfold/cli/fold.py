@@ -137,11 +137,14 @@ def fold_file(input_path: str, output: str | None, in_place: bool, options: Fold
         ahead = stage is not None and _check_ahead(job.model, options, input_size)
         if ahead:  # the check's first session, the original's, is built during the fold
             stack.enter_context(session_ahead(input_path, options.verbose))
-        # New weights wait on disk for `save` to stream them: in the output's stage folder,
-        # or (a dry run of a model with external data) in TMPDIR.
+        # New weights wait on disk for `save` to stream them when the model is large or keeps
+        # its weights on disk: in the output's stage folder, or (a dry run of a model with
+        # external data) in TMPDIR. A small model's stay in memory, and `save` writes the
+        # model in one buffer instead of one tensor at a time.
+        spill = True if stage and input_size > _SPILL_ABOVE else None
         with run.step("fold"):
             folded, report = fold(job.model, base_dir=job.base_dir, inplace=True,  # not used again
-                                  spill=True if stage else None,
+                                  spill=spill,
                                   allow_initializer_inputs=options.allow_initializer_inputs,
                                   training_to_inference=options.training_to_inference,
                                   lower_standalone=options.lower_standalone)
@@ -191,6 +194,10 @@ def fold_file(input_path: str, output: str | None, in_place: bool, options: Fold
         return 1
     return _strict_code(report, options.strict)
 
+
+# Above this size (bytes, weights included), the new weights of a model held in memory are
+# spilled to disk as they are made rather than held beside the old ones until the save.
+_SPILL_ABOVE = 64 * 2**20
 
 # Up to this size, the check's session of the original is built while the model folds (on
 # a second core, for the price of holding the session beside the model during the fold).
