@@ -395,6 +395,24 @@ def _bn_axis(layer: Layer, axis: int | None, shapes: dict) -> tuple[int, int]:
     return index, size
 
 
+_FILLED: dict[tuple, onnx.TensorProto | None] = {}
+
+
+def _filled(value: float, dtype: int, features: int) -> onnx.TensorProto | None:
+    """An unnamed [features] tensor of `value` in element type `dtype`, to copy (the layers of
+    one width share it); None when `value` overflows the type. Known by the value's type and
+    repr, not by equality, which would take -0.0 for 0.0."""
+    key = (type(value), repr(value), dtype, features)
+    if key not in _FILLED:
+        if len(_FILLED) >= 64:
+            _FILLED.clear()
+        with np.errstate(over="ignore"):
+            array = np.full(features, value, dtype=helper.tensor_dtype_to_np_dtype(dtype))
+        finite = np.all(np.isfinite(array.astype(np.float64)))
+        _FILLED[key] = numpy_helper.from_array(array) if finite else None
+    return _FILLED[key]
+
+
 def _chain(layer: Layer, x: str, y: str | None, insertion: Insertion, names: NameAllocator,
            settings: _Settings, model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """The nodes computing y = BN(x) on the layer's feature axis (y None: a fresh name); adds
@@ -403,14 +421,15 @@ def _chain(layer: Layer, x: str, y: str | None, insertion: Insertion, names: Nam
     features, dtype = insertion.channels, layer.dtype
     var = _identity_var(settings.epsilon, dtype)[0] if settings.identity else settings.var
     values = {"gamma": settings.gamma, "beta": settings.beta, "mean": settings.mean, "var": var}
-    np_type = helper.tensor_dtype_to_np_dtype(dtype)
     for key, value in values.items():
         name = insertion.params[key] = names(f"{base}/bn.{key}")
-        with np.errstate(over="ignore"):
-            array = np.full(features, value, dtype=np_type)
-        if not np.all(np.isfinite(array.astype(np.float64))):
+        vector = _filled(value, dtype, features)
+        if vector is None:
+            np_type = helper.tensor_dtype_to_np_dtype(dtype)
             raise BadInput(f"{key} {value:g} overflows {np.dtype(np_type).name} (layer {base})")
-        graph.initializer.append(numpy_helper.from_array(array, name))
+        tensor = graph.initializer.add()
+        tensor.CopyFrom(vector)
+        tensor.name = name
         if model.ir_version < 4:  # IR < 4: every initializer is listed as a graph input too
             graph.input.append(helper.make_tensor_value_info(name, dtype, [features]))
 
