@@ -101,16 +101,22 @@ def test_an_ahead_session_is_taken_once_and_only_with_the_same_verbosity(tmp_pat
     assert [w for _, w in builds] == ["ahead", "inline", "inline"]
 
 
+def _relus(tmp_path, count: int):
+    """A file of `count` Relus in a row: a session that takes a while to build."""
+    from onnx import TensorProto, helper
+    nodes = [helper.make_node("Relu", [f"x{i}"], [f"x{i + 1}"]) for i in range(count)]
+    graph = helper.make_graph(
+        nodes, "relus", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info(f"x{count}", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "relus.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
 def test_a_session_not_taken_is_waited_for_not_left_building_at_exit(tmp_path):
     """A process leaving the block while onnxruntime still builds on the other thread would be
     aborted at exit ("terminate called without an active exception"): the block waits."""
-    from onnx import TensorProto, helper
-    nodes = [helper.make_node("Relu", [f"x{i}"], [f"x{i + 1}"]) for i in range(3000)]
-    graph = helper.make_graph(nodes, "relus",
-                              [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("x3000", TensorProto.FLOAT, [1, 4])])
-    path = tmp_path / "relus.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    path = _relus(tmp_path, 3000)
     code = ("import sys\nfrom bnfold.verify import runtime\n"
             "with runtime.session_ahead(sys.argv[1]):\n    pass\n")
     done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
@@ -126,13 +132,7 @@ def test_a_signal_during_the_build_ahead_reaches_the_main_thread_at_once(tmp_pat
     processes spinning, as here) and about 1 in 60 on an idle one; after it, in none of 40."""
     import signal
     import time
-    from onnx import TensorProto, helper
-    nodes = [helper.make_node("Relu", [f"x{i}"], [f"x{i + 1}"]) for i in range(300)]
-    graph = helper.make_graph(nodes, "relus",
-                              [helper.make_tensor_value_info("x0", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("x300", TensorProto.FLOAT, [1, 4])])
-    path = tmp_path / "relus.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    path = _relus(tmp_path, 300)
     code = ("import os, sys, time\nfrom bnfold.verify import runtime\n"
             "with runtime.session_ahead(sys.argv[1]):\n"
             "    try:\n        os.write(1, b'x')\n        time.sleep(30)\n"
