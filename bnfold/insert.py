@@ -396,6 +396,7 @@ def _bn_axis(layer: Layer, axis: int | None, shapes: dict) -> tuple[int, int]:
 
 
 _FILLED: dict[tuple, onnx.TensorProto | None] = {}
+_FILLED_LIMIT = 64, 1 << 14  # tensors kept, elements in each (at most 8 MB in all)
 
 
 def _filled(value: float, dtype: int, features: int) -> onnx.TensorProto | None:
@@ -403,14 +404,17 @@ def _filled(value: float, dtype: int, features: int) -> onnx.TensorProto | None:
     one width share it); None when `value` overflows the type. Known by the value's type and
     repr, not by equality, which would take -0.0 for 0.0."""
     key = (type(value), repr(value), dtype, features)
-    if key not in _FILLED:
-        if len(_FILLED) >= 64:
+    if key in _FILLED:
+        return _FILLED[key]
+    with np.errstate(over="ignore"):
+        array = np.full(features, value, dtype=helper.tensor_dtype_to_np_dtype(dtype))
+    finite = np.all(np.isfinite(array.astype(np.float64)))
+    tensor = numpy_helper.from_array(array) if finite else None
+    if features <= _FILLED_LIMIT[1]:
+        if len(_FILLED) >= _FILLED_LIMIT[0]:
             _FILLED.clear()
-        with np.errstate(over="ignore"):
-            array = np.full(features, value, dtype=helper.tensor_dtype_to_np_dtype(dtype))
-        finite = np.all(np.isfinite(array.astype(np.float64)))
-        _FILLED[key] = numpy_helper.from_array(array) if finite else None
-    return _FILLED[key]
+        _FILLED[key] = tensor
+    return tensor
 
 
 def _chain(layer: Layer, x: str, y: str | None, insertion: Insertion, names: NameAllocator,
