@@ -43,7 +43,7 @@ from bnfold.errors import BadInput, one_line
 from bnfold.graph import GraphView, NameAllocator, default_opset, free_names, is_external
 from bnfold.nodes import attr, display_name, set_attr, subgraphs
 from bnfold.report import BnCalibration, CalibrateReport, summary
-from bnfold.verify.runtime import signals_left_to_main_thread
+from bnfold.verify.runtime import new_session
 from bnfold.wire import external
 
 if TYPE_CHECKING:
@@ -438,9 +438,7 @@ def _session(model: onnx.ModelProto, outputs: list[str], batch_mode: list[_Targe
     if base_dir:
         options.add_session_config_entry(_EXTERNAL_DIR_KEY, os.path.abspath(base_dir))
     try:
-        with signals_left_to_main_thread():
-            session = ort.InferenceSession(pass_model.SerializeToString(), options,
-                                           providers=["CPUExecutionProvider"])
+        session = new_session(pass_model.SerializeToString(), options)
     except _ort_errors() as err:
         raise BadInput(f"onnxruntime cannot load the model: {one_line(err)}") from None
     return session, fed

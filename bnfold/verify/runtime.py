@@ -153,28 +153,22 @@ def _taken_ahead(path: str | os.PathLike, verbose: bool) -> _Ahead | None:
 _STOPS = {signal.SIGINT, signal.SIGTERM}
 
 
-@contextmanager
-def signals_left_to_main_thread() -> Iterator[None]:
-    """Around building a session: the worker threads onnxruntime starts block SIGINT and
-    SIGTERM, as they inherit the mask of the thread that starts them. Otherwise the kernel may
-    hand such a signal to one of them (they spin, waiting for work): Python then acts on it only
-    when the main thread next runs Python code, long after if it waits in a blocking call. A
-    signal arriving within the block waits until its end."""
+def new_session(source: str | bytes, options):
+    """onnxruntime's CPU InferenceSession of `source` (a path or a model's bytes), built with
+    SIGINT and SIGTERM blocked in this thread, so that the worker threads onnxruntime starts
+    block them too (they inherit the mask of the thread that starts them). Otherwise the kernel
+    may hand such a signal to one of them (they spin, waiting for work): Python then acts on it
+    only when the main thread next runs Python code, long after if it waits in a blocking call.
+    A signal arriving during the build waits until its end."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
     try:
-        yield
+        return _ort().InferenceSession(source, options, providers=_PROVIDERS)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _load_session(model: Model, base_dir: str | os.PathLike | None, verbose: bool,
                   initializers: Mapping[str, np.ndarray] | None):
-    with signals_left_to_main_thread():
-        return _built_session(model, base_dir, verbose, initializers)
-
-
-def _built_session(model: Model, base_dir: str | os.PathLike | None, verbose: bool,
-                   initializers: Mapping[str, np.ndarray] | None):
     ort = _ort()
     set_verbose(verbose)
     options = ort.SessionOptions()
@@ -188,14 +182,13 @@ def _built_session(model: Model, base_dir: str | os.PathLike | None, verbose: bo
         if isinstance(model, onnx.ModelProto):
             return _session_from_proto(model, base_dir, options, set(given))
         # By path, onnxruntime finds external data itself, however large the model.
-        return ort.InferenceSession(os.fspath(model), options, providers=_PROVIDERS)
+        return new_session(os.fspath(model), options)
     except (*_ort_errors(), OSError) as err:
         raise RunFailed(message(err)) from None
 
 
 def _session_from_proto(model: onnx.ModelProto, base_dir: str | os.PathLike | None, options,
                         given: set[str] = frozenset()):
-    ort = _ort()
     external = any(t.data_location == TensorProto.EXTERNAL and t.name not in given
                    for t in tensors(model))
     if external and base_dir is None:
@@ -203,7 +196,7 @@ def _session_from_proto(model: onnx.ModelProto, base_dir: str | os.PathLike | No
     if model.ByteSize() <= _PROTOBUF_LIMIT:
         if external:
             options.add_session_config_entry(_EXTERNAL_DIR_KEY, os.path.abspath(base_dir))
-        return ort.InferenceSession(model.SerializeToString(), options, providers=_PROVIDERS)
+        return new_session(model.SerializeToString(), options)
     # Too large to serialise: save a copy with all its tensors external and load it by path.
     # Rare (the CLI verifies saved files) and costly: the copy holds every tensor in memory.
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
@@ -214,7 +207,7 @@ def _session_from_proto(model: onnx.ModelProto, base_dir: str | os.PathLike | No
         path = os.path.join(tmp, "model.onnx")
         onnx.save(copy, path, save_as_external_data=True, location="model.onnx.data")
         del copy
-        return ort.InferenceSession(path, options, providers=_PROVIDERS)
+        return new_session(path, options)
 
 
 def run_session(session, feeds: Mapping[str, object]) -> dict[str, object]:
