@@ -343,6 +343,7 @@ def _rewrite(model: onnx.ModelProto, layers: list[Layer], settings: _Settings
     chains: dict[int, list[onnx.NodeProto]] = {}
     renames: dict[str, str] = {}  # a layer's output -> its BN's, for every other reader
     insertions = []
+    filled: dict[tuple, onnx.TensorProto | None] = {}  # parameter tensors, made once (_filled)
     shapes = infer_shapes(out)[0] if settings.axis is not None else {}
     for layer in layers:
         use_activation = layer.activation is not None and not settings.before_activation
@@ -358,9 +359,10 @@ def _rewrite(model: onnx.ModelProto, layers: list[Layer], settings: _Settings
             insertion.input = names(f"{layer.name}/bn.input")
             producer = graph.node[index]
             producer.output[list(producer.output).index(anchor)] = insertion.input
-            chains[index] = _chain(layer, insertion.input, anchor, insertion, names, settings, out)
+            chains[index] = _chain(layer, insertion.input, anchor, insertion, names, settings, out,
+                                   filled)
         else:
-            chains[index] = _chain(layer, anchor, None, insertion, names, settings, out)
+            chains[index] = _chain(layer, anchor, None, insertion, names, settings, out, filled)
             renames[anchor] = chains[index][-1].output[0]
         insertion.output = chains[index][-1].output[0]
         insertions.append(insertion)
@@ -395,30 +397,23 @@ def _bn_axis(layer: Layer, axis: int | None, shapes: dict) -> tuple[int, int]:
     return index, size
 
 
-_FILLED: dict[tuple, onnx.TensorProto | None] = {}
-_FILLED_LIMIT = 64, 1 << 14  # tensors kept, elements in each (at most 8 MB in all)
-
-
-def _filled(value: float, dtype: int, features: int) -> onnx.TensorProto | None:
-    """An unnamed [features] tensor of `value` in element type `dtype`, to copy (the layers of
-    one width share it); None when `value` overflows the type. Known by the value's type and
-    repr, not by equality, which would take -0.0 for 0.0."""
+def _filled(value: float, dtype: int, features: int,
+            made: dict[tuple, onnx.TensorProto | None]) -> onnx.TensorProto | None:
+    """An unnamed [features] tensor of `value` in element type `dtype`, to copy; None when
+    `value` overflows the type. `made` keeps them for one insert (its layers of one width share
+    each), known by the value's type and repr, not by equality, which would take -0.0 for 0.0."""
     key = (type(value), repr(value), dtype, features)
-    if key in _FILLED:
-        return _FILLED[key]
-    with np.errstate(over="ignore"):
-        array = np.full(features, value, dtype=helper.tensor_dtype_to_np_dtype(dtype))
-    finite = np.all(np.isfinite(array.astype(np.float64)))
-    tensor = numpy_helper.from_array(array) if finite else None
-    if features <= _FILLED_LIMIT[1]:
-        if len(_FILLED) >= _FILLED_LIMIT[0]:
-            _FILLED.clear()
-        _FILLED[key] = tensor
-    return tensor
+    if key not in made:
+        with np.errstate(over="ignore"):
+            array = np.full(features, value, dtype=helper.tensor_dtype_to_np_dtype(dtype))
+        finite = np.all(np.isfinite(array.astype(np.float64)))
+        made[key] = numpy_helper.from_array(array) if finite else None
+    return made[key]
 
 
 def _chain(layer: Layer, x: str, y: str | None, insertion: Insertion, names: NameAllocator,
-           settings: _Settings, model: onnx.ModelProto) -> list[onnx.NodeProto]:
+           settings: _Settings, model: onnx.ModelProto,
+           filled: dict[tuple, onnx.TensorProto | None]) -> list[onnx.NodeProto]:
     """The nodes computing y = BN(x) on the layer's feature axis (y None: a fresh name); adds
     their initializers (and the running-statistics outputs) to the graph, fills `insertion`."""
     graph, base = model.graph, layer.name
@@ -427,7 +422,7 @@ def _chain(layer: Layer, x: str, y: str | None, insertion: Insertion, names: Nam
     values = {"gamma": settings.gamma, "beta": settings.beta, "mean": settings.mean, "var": var}
     for key, value in values.items():
         name = insertion.params[key] = names(f"{base}/bn.{key}")
-        vector = _filled(value, dtype, features)
+        vector = _filled(value, dtype, features, filled)
         if vector is None:
             np_type = helper.tensor_dtype_to_np_dtype(dtype)
             raise BadInput(f"{key} {value:g} overflows {np.dtype(np_type).name} (layer {base})")

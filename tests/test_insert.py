@@ -581,17 +581,19 @@ def test_conversion_that_changes_the_outputs_is_refused(monkeypatch):
 
 
 def test_parameters_are_the_values_asked_for_to_the_sign_of_zero():
-    """Layers of one width share each parameter tensor, made once: a later call asking for
-    -0.0 (or another type of equal value) gets its own, not the one made for 0.0."""
-    def betas(**options):
+    """The layers of one width share each parameter tensor, made once per insert: -0.0 for
+    beta beside mean's 0.0 in one call, or in a later call, gets a tensor of its own."""
+    def params(role, **options):
         model, _ = insert(mlp(kinds=("gemm", "matmul")), all_layers=True, **options)
         return [numpy_helper.to_array(t) for t in model.graph.initializer
-                if t.name.endswith("bn.beta")]
+                if t.name.endswith(f"bn.{role}")]
 
-    assert all(not np.signbit(b).any() for b in betas(beta=0.0))
-    negative = betas(beta=-0.0)
+    assert all(not np.signbit(b).any() for b in params("beta", beta=0.0))
+    negative = params("beta", beta=-0.0)
     assert negative and all(np.signbit(b).all() and not b.any() for b in negative)
-    assert all((b == np.float32(2.5)).all() for b in betas(beta=2.5))
+    means = params("mean", beta=-0.0)  # made after beta's -0.0, in the same call
+    assert means and all(not np.signbit(m).any() and not m.any() for m in means)
+    assert all((b == np.float32(2.5)).all() for b in params("beta", beta=2.5))
 
 
 # --------------------------------------------------------------------------- the command
