@@ -232,7 +232,7 @@ def _near(view: GraphView, nodes: list[onnx.NodeProto], values: set[str],
     seen = {id(n) for n in nodes}
     frontier = nodes
     for hop in range(hops + 1):
-        ends = [(n.input, n.output) for n in frontier]
+        ends = list(map(view.ends, frontier))
         for inputs, outputs in ends:
             if not (disjoint(inputs) and disjoint(outputs)):
                 return True

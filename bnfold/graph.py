@@ -399,7 +399,9 @@ class GraphView:
             self.scope.overridable = self.inputs & set(self.scope.initializers)
         self.producer: dict[str, onnx.NodeProto] = {}
         self._readers: dict[str, dict[int, onnx.NodeProto]] = {}  # name -> id -> node
-        self._indexed: dict[int, tuple[onnx.NodeProto, tuple[str, ...], tuple[str, ...]]] = {}
+        # id -> (node, names it reads, its outputs, its inputs), as indexed
+        self._indexed: dict[int, tuple[onnx.NodeProto, tuple[str, ...], tuple[str, ...],
+                                       tuple[str, ...]]] = {}
         # changes waiting for `refresh`
         self._changed: dict[int, onnx.NodeProto] = {}
         self._removed: dict[int, onnx.NodeProto] = {}
@@ -410,7 +412,7 @@ class GraphView:
         self.outputs = {o.name for o in graph.output}
 
     def _index(self, node: onnx.NodeProto) -> None:
-        outputs = tuple(node.output)
+        inputs, outputs = tuple(node.input), tuple(node.output)
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             self.scope.constant_nodes[outputs[0]] = node
         producer, defined, all_readers = self.producer, self.scope.defined, self._readers
@@ -418,7 +420,7 @@ class GraphView:
             if o:
                 producer[o] = node
                 defined.add(o)
-        used = [n for n in node.input if n]
+        used = [n for n in inputs if n]
         for _, sub in subgraphs(node):
             used += sorted(free_names(sub))
         reads = tuple(dict.fromkeys(used))
@@ -429,11 +431,11 @@ class GraphView:
                 all_readers[name] = {key: node}
             else:
                 readers[key] = node
-        self._indexed[key] = (node, reads, outputs)
+        self._indexed[key] = (node, reads, outputs, inputs)
 
     def _unindex(self, node: onnx.NodeProto) -> None:
         key = id(node)
-        _, reads, outputs = self._indexed.pop(key)
+        _, reads, outputs, _ = self._indexed.pop(key)
         for name in reads:
             readers = self._readers[name]
             del readers[key]
@@ -460,6 +462,15 @@ class GraphView:
     def users(self, name: str) -> list[onnx.NodeProto]:
         readers = self._readers.get(name)
         return list(readers.values()) if readers else []
+
+    def ends(self, node: onnx.NodeProto) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The node's inputs and outputs as they are now: from the index, unless a change since
+        the last refresh touched them (reading them from the protobuf costs more)."""
+        key = id(node)
+        indexed = self._indexed.get(key)
+        if indexed is None or key in self._changed:
+            return tuple(node.input), tuple(node.output)
+        return indexed[3], indexed[2]
 
     def sole_user(self, name: str) -> onnx.NodeProto | None:
         readers = self._readers.get(name)
