@@ -43,7 +43,8 @@ from bnfold.errors import BadInput, one_line
 from bnfold.graph import GraphView, NameAllocator, default_opset, free_names, is_external
 from bnfold.nodes import attr, display_name, set_attr, subgraphs
 from bnfold.report import BnCalibration, CalibrateReport, summary
-from bnfold.verify.runtime import new_session
+from bnfold.verify.runtime import (EXTERNAL_DIR_KEY, new_session, ort_errors, ort_module,
+                                   ort_to_numpy, ort_value)
 from bnfold.wire import external
 
 if TYPE_CHECKING:
@@ -54,21 +55,6 @@ METHODS = ("exact", "batch")
 # Initializers larger than this are fed to each pass as inputs sharing one buffer, not copied
 # into each pass's model.
 _FED_BYTES = 4096
-_EXTERNAL_DIR_KEY = "session.model_external_initializers_file_folder_path"
-
-
-def _ort():
-    """onnxruntime, imported when a pass runs (importing bnfold does not load it)."""
-    import onnxruntime
-
-    return onnxruntime
-
-
-def _ort_errors() -> tuple[type, ...]:
-    ort = _ort()
-    return (RuntimeError, ValueError) + tuple(
-        v for v in vars(ort.capi.onnxruntime_pybind11_state).values()
-        if isinstance(v, type) and issubclass(v, Exception))
 
 Progress = Callable[[int, int | None], None]  # (samples just processed, samples in all passes)
 
@@ -303,7 +289,7 @@ class _Weights:
         if name not in self.values:
             array = self._array(self.tensors[name])
             self._arrays[name] = array
-            self.values[name] = _ort_value(array)
+            self.values[name] = ort_value(array)
         return self.values[name]
 
     def _array(self, t: onnx.TensorProto) -> np.ndarray:
@@ -330,16 +316,6 @@ def _np_type(data_type: int):
         return None
 
 
-def _ort_value(array: np.ndarray) -> ort.OrtValue:
-    ort = _ort()
-    if not array.flags.c_contiguous:
-        array = np.ascontiguousarray(array)
-    if array.dtype == ml_dtypes.bfloat16:
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16),
-                                                               TensorProto.BFLOAT16)
-    return ort.OrtValue.ortvalue_from_numpy(array)
-
-
 def _run_pass(model: onnx.ModelProto, group: list[_Target], method: str, batches: Batches,
               weights: _Weights, base_dir: str | None, tell: Callable[[int], None]) -> None:
     inputs = {i.name for i in model.graph.input} - {t.name for t in model.graph.initializer}
@@ -353,23 +329,15 @@ def _run_pass(model: onnx.ModelProto, group: list[_Target], method: str, batches
             feeds = {name: weights.value(name) for name in fed}
             for name in feeds_needed:
                 if name not in feeds:
-                    feeds[name] = _ort_value(batch[name])
+                    feeds[name] = ort_value(batch[name])
             try:
                 results = session.run_with_ort_values(wanted, feeds)
-            except _ort_errors() as err:
+            except ort_errors() as err:
                 raise BadInput(f"onnxruntime failed on the data: {one_line(err)}") from None
-            values.update(zip(wanted, (_to_numpy(r) for r in results)))
+            values.update((name, ort_to_numpy(r, name)) for name, r in zip(wanted, results))
         for target in group:
             target.add(values[target.x], method)
         tell(len(next(iter(batch.values()))))
-
-
-def _to_numpy(value: ort.OrtValue) -> np.ndarray:
-    if value.data_type() == "tensor(bfloat16)":
-        import ctypes
-        raw = ctypes.string_at(value.data_ptr(), value.tensor_size_in_bytes())
-        return np.frombuffer(raw, np.uint16).view(ml_dtypes.bfloat16).reshape(value.shape())
-    return value.numpy()
 
 
 def _session(model: onnx.ModelProto, outputs: list[str], batch_mode: list[_Target],
@@ -432,14 +400,14 @@ def _session(model: onnx.ModelProto, outputs: list[str], batch_mode: list[_Targe
     initialized = {t.name for t in graph.initializer}
     g.input.extend(i for i in graph.input if i.name in used and i.name not in initialized)
     g.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
-    ort = _ort()
+    ort = ort_module()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if base_dir:
-        options.add_session_config_entry(_EXTERNAL_DIR_KEY, os.path.abspath(base_dir))
+        options.add_session_config_entry(EXTERNAL_DIR_KEY, os.path.abspath(base_dir))
     try:
         session = new_session(pass_model.SerializeToString(), options)
-    except _ort_errors() as err:
+    except ort_errors() as err:
         raise BadInput(f"onnxruntime cannot load the model: {one_line(err)}") from None
     return session, fed
 

@@ -28,7 +28,7 @@ Model = onnx.ModelProto | str | os.PathLike
 
 _PROVIDERS = ["CPUExecutionProvider"]
 _PROTOBUF_LIMIT = 2**31 - 1  # a ModelProto larger than this cannot be serialised to bytes
-_EXTERNAL_DIR_KEY = "session.model_external_initializers_file_folder_path"
+EXTERNAL_DIR_KEY = "session.model_external_initializers_file_folder_path"
 _QUIET, _WARNINGS = 4, 2  # onnxruntime's log severities: FATAL only, and its default
 
 
@@ -37,15 +37,18 @@ class RunFailed(Exception):
 
 
 @cache
-def _ort():
+def ort_module():
+    """onnxruntime, imported on first use (importing bnfold does not load it), its own log
+    quiet."""
     import onnxruntime
     onnxruntime.set_default_logger_severity(_QUIET)
     return onnxruntime
 
 
 @cache
-def _ort_errors() -> tuple[type[BaseException], ...]:
-    ort = _ort()  # onnxruntime's errors derive from Exception
+def ort_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions onnxruntime raises when it cannot load or run a model."""
+    ort = ort_module()  # onnxruntime's errors derive from Exception
     return (RuntimeError, ValueError, TypeError) + tuple(
         v for v in vars(ort.capi.onnxruntime_pybind11_state).values()
         if isinstance(v, type) and issubclass(v, Exception)
@@ -60,7 +63,7 @@ def message(err: BaseException) -> str:
 
 def set_verbose(verbose: bool) -> None:
     """Let onnxruntime's own warnings through to stderr (they are off by default)."""
-    _ort().set_default_logger_severity(_WARNINGS if verbose else _QUIET)
+    ort_module().set_default_logger_severity(_WARNINGS if verbose else _QUIET)
 
 
 def session(model: Model, base_dir: str | os.PathLike | None, role: str, *,
@@ -127,7 +130,7 @@ def session_ahead(path: str | os.PathLike, verbose: bool = False) -> Iterator[No
     on another thread is aborted by the C++ runtime ("terminate called without an active
     exception")."""
     key = os.path.abspath(os.fspath(path))
-    _ort()  # imported here, not on the thread
+    ort_module()  # imported here, not on the thread
     ahead = _Ahead(key, verbose)
     with _AHEAD_LOCK:
         _AHEAD[key] = ahead
@@ -162,14 +165,14 @@ def new_session(source: str | bytes, options):
     A signal arriving during the build waits until its end."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
     try:
-        return _ort().InferenceSession(source, options, providers=_PROVIDERS)
+        return ort_module().InferenceSession(source, options, providers=_PROVIDERS)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _load_session(model: Model, base_dir: str | os.PathLike | None, verbose: bool,
                   initializers: Mapping[str, np.ndarray] | None):
-    ort = _ort()
+    ort = ort_module()
     set_verbose(verbose)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -178,12 +181,12 @@ def _load_session(model: Model, base_dir: str | os.PathLike | None, verbose: boo
     try:
         if given:
             options.add_external_initializers(list(given),
-                                              [_ort_value(a) for a in given.values()])
+                                              [ort_value(a) for a in given.values()])
         if isinstance(model, onnx.ModelProto):
             return _session_from_proto(model, base_dir, options, set(given))
         # By path, onnxruntime finds external data itself, however large the model.
         return new_session(os.fspath(model), options)
-    except (*_ort_errors(), OSError) as err:
+    except (*ort_errors(), OSError) as err:
         raise RunFailed(message(err)) from None
 
 
@@ -195,7 +198,7 @@ def _session_from_proto(model: onnx.ModelProto, base_dir: str | os.PathLike | No
         raise BadInput("a model keeps tensors in external data files: base_dir is needed")
     if model.ByteSize() <= _PROTOBUF_LIMIT:
         if external:
-            options.add_session_config_entry(_EXTERNAL_DIR_KEY, os.path.abspath(base_dir))
+            options.add_session_config_entry(EXTERNAL_DIR_KEY, os.path.abspath(base_dir))
         return new_session(model.SerializeToString(), options)
     # Too large to serialise: save a copy with all its tensors external and load it by path.
     # Rare (the CLI verifies saved files) and costly: the copy holds every tensor in memory.
@@ -218,18 +221,19 @@ def run_session(session, feeds: Mapping[str, object]) -> dict[str, object]:
     try:
         if (all(isinstance(a, np.ndarray) and a.dtype.kind != "O" for a in feeds.values())
                 and all(o.type.startswith("tensor(") for o in session.get_outputs())):
-            values = {name: _ort_value(array) for name, array in feeds.items()}
+            values = {name: ort_value(array) for name, array in feeds.items()}
             results = session.run_with_ort_values(None, values)
-            return {o.name: _to_numpy(r, o.name)
+            return {o.name: ort_to_numpy(r, o.name)
                     for o, r in zip(session.get_outputs(), results)}
         results = session.run(None, dict(feeds))  # strings, sequences, optionals, maps
-    except _ort_errors() as err:
+    except ort_errors() as err:
         raise RunFailed(message(err)) from None
     return {o.name: r for o, r in zip(session.get_outputs(), results)}
 
 
-def _ort_value(array: np.ndarray):
-    ort = _ort()
+def ort_value(array: np.ndarray):
+    """`array` as an OrtValue (bfloat16 too, which numpy knows only through ml_dtypes)."""
+    ort = ort_module()
     array = np.ascontiguousarray(array)
     if array.dtype == ml_dtypes.bfloat16:  # numpy has no bfloat16: hand onnxruntime the bits
         return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
@@ -238,13 +242,14 @@ def _ort_value(array: np.ndarray):
     return ort.OrtValue.ortvalue_from_numpy(array)
 
 
-def _to_numpy(value, name: str):
+def ort_to_numpy(value, name: str):
+    """An OrtValue (output `name`) as an array; BadInput for types numpy cannot hold."""
     if value.data_type() == "tensor(bfloat16)":  # OrtValue.numpy() refuses it: copy the bits
         raw = ctypes.string_at(value.data_ptr(), value.tensor_size_in_bytes())
         return np.frombuffer(raw, np.uint16).view(ml_dtypes.bfloat16).reshape(value.shape())
     try:
         return value.numpy()
-    except _ort_errors():
+    except ort_errors():
         raise BadInput(
             f"output '{name}' is {value.data_type()}, which bnfold cannot compare"
         ) from None
