@@ -57,15 +57,18 @@ def load(path: str | os.PathLike, *, load_external_data: bool = False, check: bo
                        f"(bnfold supports 1..{onnx.defs.onnx_opset_version()})")
     # `tensors` yields the main graph's initializers first (protobuf's Python wrappers have no
     # stable identity to tell them by)
-    main_initializers, external_elsewhere = len(model.graph.initializer), False
+    main_initializers, external_main, external_elsewhere = len(model.graph.initializer), False, False
     for i, t in enumerate(tensors(model)):
         if is_external(t):
             _check_external(path, base_dir, t)
-            external_elsewhere = external_elsewhere or i >= main_initializers
+            if i < main_initializers:
+                external_main = True
+            else:
+                external_elsewhere = True
     if check:
         if progress:
             progress("checking")
-        _check(model, path, sizes, external_elsewhere)
+        _check(model, path, sizes, external_main, external_elsewhere)
     if load_external_data:
         load_external_data_for_model(model, base_dir)
     return model
@@ -162,48 +165,59 @@ def _check_regular(path: str, what: str) -> None:
         raise BadInput(f"{what}{path}: not a regular file ({kind})")
 
 
-def _check(model: onnx.ModelProto, path: str, sizes: list[int],
+def _check(model: onnx.ModelProto, path: str, sizes: list[int], external_main: bool,
            external_elsewhere: bool) -> None:
     """onnx.checker on the model's structure, without reading or copying its weights.
 
     The checker runs on a shell whose large initializers are empty tensors of the same name and
-    type; what the checker would have checked of those (their byte count, `sizes`, read from
-    the file by `_raw_data_sizes`: reading `raw_data` back from protobuf would copy it) is
-    checked here. `external_elsewhere`: some tensor outside the main graph's initializers is in
-    external data.
+    type (on the model itself when it has none); what the checker would have checked of those
+    (their byte count, `sizes`, read from the file by `_raw_data_sizes`: reading `raw_data`
+    back from protobuf would copy it) is checked here. `external_main`, `external_elsewhere`:
+    some main-graph initializer, some other tensor, is in external data.
     """
     if external_elsewhere:
         shell = path  # external data in subgraphs: let the checker read the file itself
     else:
-        shell = without_initializers(model)
         if len(sizes) != len(model.graph.initializer):  # an unusual layout: read them back
             sizes = [len(t.raw_data) if t.HasField("raw_data") else -1
                      for t in model.graph.initializer]
-        for t, size in zip(model.graph.initializer, sizes):
-            header = shell.graph.initializer.add()
-            if is_external(t):  # its file and length were checked by _check_external
-                copy_fields(t, header, skip="external_data")
-                header.data_location = onnx.TensorProto.DEFAULT
-            elif size > EXTERNAL_THRESHOLD:
-                if size <= _SMALL_RAW:  # copying a few KB costs less than a field at a time
-                    header.CopyFrom(t)
-                    header.ClearField("raw_data")
-                else:
-                    copy_fields(t, header, skip="raw_data")
-                expected = nbytes(t)
-                if expected is not None and size != expected:
-                    raise BadInput(f"{path}: invalid model: tensor '{t.name}' holds {size} "
-                                   f"bytes, its shape {list(t.dims)} needs {expected}")
-            else:
-                header.CopyFrom(t)
-                continue
-            del header.dims[:]
-            header.dims.append(0)  # an empty tensor: valid without data
+        if external_main or any(size > EXTERNAL_THRESHOLD for size in sizes):
+            shell = _shell(model, path, sizes)
+        else:  # the shell would hold every initializer whole: a copy of the model
+            shell = model
     try:
         onnx.checker.check_model(shell, full_check=False)
     except onnx.checker.ValidationError as err:
         first = (str(err).strip().splitlines() or ["rejected by onnx.checker"])[0]
         raise BadInput(f"{path}: invalid model: {first}") from None
+
+
+def _shell(model: onnx.ModelProto, path: str, sizes: list[int]) -> onnx.ModelProto:
+    """`model` with its initializers over EXTERNAL_THRESHOLD (once their byte count, in
+    `sizes`, is what their shape needs) and its external ones as empty tensors of the same name
+    and type; small ones whole."""
+    shell = without_initializers(model)
+    for t, size in zip(model.graph.initializer, sizes):
+        header = shell.graph.initializer.add()
+        if is_external(t):  # its file and length were checked by _check_external
+            copy_fields(t, header, skip="external_data")
+            header.data_location = onnx.TensorProto.DEFAULT
+        elif size > EXTERNAL_THRESHOLD:
+            if size <= _SMALL_RAW:  # copying a few KB costs less than a field at a time
+                header.CopyFrom(t)
+                header.ClearField("raw_data")
+            else:
+                copy_fields(t, header, skip="raw_data")
+            expected = nbytes(t)
+            if expected is not None and size != expected:
+                raise BadInput(f"{path}: invalid model: tensor '{t.name}' holds {size} "
+                               f"bytes, its shape {list(t.dims)} needs {expected}")
+        else:
+            header.CopyFrom(t)
+            continue
+        del header.dims[:]
+        header.dims.append(0)  # an empty tensor: valid without data
+    return shell
 
 
 def _check_external(path: str, base_dir: str, t: onnx.TensorProto) -> None:
@@ -253,11 +267,11 @@ def _parse_failure(data: bytes) -> str:
 
 def _small_raw_sizes(model: onnx.ModelProto) -> list[int] | None:
     """`_raw_data_sizes`, read from the parsed model when every main-graph initializer is
-    small by its shape (reading a small `raw_data` copies little); None otherwise."""
+    small (reading a small `raw_data` copies little; protobuf sizes a message without copying
+    it); None otherwise."""
     sizes = []
     for t in model.graph.initializer:
-        expected = nbytes(t)
-        if expected is None or expected > _SMALL_RAW:
+        if t.ByteSize() > _SMALL_RAW:
             return None
         sizes.append(len(t.raw_data) if t.HasField("raw_data") else -1)
     return sizes or None

@@ -127,6 +127,16 @@ def test_large_weights_are_checked_without_running_the_checker_on_them(tmp_path,
     assert all(list(t.dims) in ([0], [1]) or t.ByteSize() < 2048 for t in shell.graph.initializer)
 
 
+def test_a_model_whose_weights_are_all_small_is_checked_itself_not_a_copy(tmp_path, monkeypatch):
+    checked = []
+    monkeypatch.setattr(onnx.checker, "check_model",
+                        lambda model, full_check=False: checked.append(model))
+    path = tmp_path / "model.onnx"
+    onnx.save(add_chain_model(size=8), str(path))
+    model = load(path)
+    assert len(checked) == 1 and checked[0] is model
+
+
 @pytest.mark.parametrize("opset", [0, 99])
 def test_unsupported_opset_is_bad_input(tmp_path, opset):
     path = tmp_path / "model.onnx"
