@@ -23,7 +23,14 @@ GRAPH, INITIALIZER, RAW_DATA = 7, 5, 9  # field numbers: ModelProto.graph,
 
 
 def tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor stored in the model: initializers and attributes, subgraphs and functions."""
+    """Every tensor stored in the model: initializers (a sparse one's values and indices too)
+    and attributes, subgraphs and functions. The main graph's (dense) initializers come first."""
+
+    def in_sparse(sparse: onnx.SparseTensorProto) -> Iterator[onnx.TensorProto]:
+        if sparse.HasField("values"):
+            yield sparse.values
+        if sparse.HasField("indices"):
+            yield sparse.indices
 
     def in_nodes(nodes) -> Iterator[onnx.TensorProto]:
         for node in nodes:
@@ -32,6 +39,10 @@ def tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
                     yield a.t
                 if a.tensors:
                     yield from a.tensors
+                if a.HasField("sparse_tensor"):
+                    yield from in_sparse(a.sparse_tensor)
+                for sparse in a.sparse_tensors:
+                    yield from in_sparse(sparse)
                 if a.HasField("g"):
                     yield from in_graph(a.g)
                 for g in a.graphs:
@@ -39,6 +50,8 @@ def tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
     def in_graph(g: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
         yield from g.initializer
+        for sparse in g.sparse_initializer:
+            yield from in_sparse(sparse)
         yield from in_nodes(g.node)
 
     yield from in_graph(model.graph)

@@ -28,6 +28,7 @@ from bnfold.graph import FLOAT_TYPES
 from bnfold.io import load_inputs
 from bnfold.nodes import graphs
 from bnfold.verify.usage import Use
+from bnfold.wire import tensors
 
 Model = onnx.ModelProto | str | os.PathLike
 
@@ -128,18 +129,6 @@ def _type_text(tp: onnx.TypeProto) -> str:
     if kind == "optional_type":
         return f"optional({_type_text(tp.optional_type.elem_type)})"
     return (kind or "unknown").removesuffix("_type")
-
-
-def tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
-    for g in graphs(model.graph):
-        yield from g.initializer
-        for sparse in g.sparse_initializer:
-            yield from (sparse.values, sparse.indices)
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors
 
 
 def check_same_interface(ref: Interface, cand: Interface) -> None:

@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto
 
 from bnfold.errors import BadInput
-from bnfold.verify.inputs import tensors
+from bnfold.wire import tensors
 
 Model = onnx.ModelProto | str | os.PathLike
 

@@ -1,0 +1,116 @@
+"""Sparse initializers whose values are in an external data file: onnx and onnxruntime accept
+them, so bnfold must read, check, fold and write such a model like any other (the data file
+found next to the model, whatever the working directory; its bytes carried into the output's
+data file; a location outside the model's folder refused)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from bnfold.cli import main
+from bnfold.errors import BadInput
+from bnfold.io import load
+from builders import trained_bn_params
+
+SPARSE = np.arange(1, 301, dtype=np.float32) / 7  # the sparse initializer's 300 values
+
+
+def sparse_model(directory, location: str = "sparse.bin"):
+    """Conv -> BN -> y, and s = Identity(S), S a sparse [600] initializer whose values are in
+    the file `location` (relative to `directory`, where the model is written)."""
+    rng = np.random.default_rng(0)
+    params = trained_bn_params(4, rng)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "W")]
+    inits += [numpy_helper.from_array(v.astype(np.float32), f"bn.{k}") for k, v in params.items()]
+    values = onnx.TensorProto(name="S", data_type=TensorProto.FLOAT, dims=[300],
+                              data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", "0"), ("length", str(SPARSE.nbytes))):
+        values.external_data.add(key=key, value=value)
+    indices = numpy_helper.from_array(np.arange(0, 600, 2, dtype=np.int64), "S_indices")
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "bn.scale", "bn.bias", "bn.mean",
+                                                     "bn.var"], ["y"], name="bn"),
+             helper.make_node("Identity", ["S"], ["s"], name="sparse_out")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6]),
+         helper.make_tensor_value_info("s", TensorProto.FLOAT, [600])], inits,
+        sparse_initializer=[helper.make_sparse_tensor(values, indices, [600])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    os.makedirs(directory, exist_ok=True)
+    data = os.path.normpath(os.path.join(directory, location))
+    os.makedirs(os.path.dirname(data), exist_ok=True)
+    with open(data, "wb") as f:
+        f.write(SPARSE.tobytes())
+    path = os.path.join(directory, "model.onnx")
+    onnx.save(model, path)
+    if not location.startswith(".."):
+        onnx.checker.check_model(path)  # valid, by onnx's own reading
+    return path
+
+
+def sparse_output(path) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["s"], {"x": np.ones((1, 3, 6, 6), np.float32)})[0]
+
+
+def digest(directory) -> dict[str, str]:
+    return {name: hashlib.sha256(open(os.path.join(directory, name), "rb").read()).hexdigest()
+            for name in sorted(os.listdir(directory))}
+
+
+def test_the_data_file_is_found_next_to_the_model_from_any_working_directory(tmp_path,
+                                                                             monkeypatch):
+    path = sparse_model(tmp_path / "in")
+    monkeypatch.chdir(tmp_path)  # not the model's folder: a relative location is the model's
+    model = load(path)
+    assert model.graph.sparse_initializer[0].values.data_location == TensorProto.EXTERNAL
+
+
+def test_fold_into_another_folder_carries_the_sparse_values_into_the_output(tmp_path,
+                                                                            monkeypatch):
+    path = sparse_model(tmp_path / "in")
+    before = digest(tmp_path / "in")
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "model.onnx"
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["fold", path, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "verification passed" in result.output
+    assert digest(tmp_path / "in") == before  # the input and its data file as they were
+    written = onnx.load(str(out), load_external_data=False)
+    assert [n.op_type for n in written.graph.node] == ["Conv", "Identity"]
+    values = written.graph.sparse_initializer[0].values
+    location = next(e.value for e in values.external_data if e.key == "location")
+    assert not os.path.isabs(location) and os.path.exists(out.parent / location)
+    expected = np.zeros(600, np.float32)
+    expected[::2] = SPARSE
+    np.testing.assert_array_equal(sparse_output(out), expected)
+
+
+def test_fold_in_place_keeps_the_sparse_values_readable(tmp_path):
+    path = sparse_model(tmp_path / "in")
+    expected = sparse_output(path)
+    result = CliRunner().invoke(main, ["fold", path, "--in-place"])
+    assert result.exit_code == 0, result.output
+    assert [n.op_type for n in onnx.load(path, load_external_data=False).graph.node] == \
+        ["Conv", "Identity"]
+    np.testing.assert_array_equal(sparse_output(path), expected)
+
+
+def test_a_sparse_location_outside_the_models_folder_is_bad_input(tmp_path):
+    path = sparse_model(tmp_path / "in", location="../sparse.bin")
+    with pytest.raises(BadInput, match="is not inside the model's directory"):
+        load(path, check=False)
+    result = CliRunner().invoke(main, ["fold", path, "-o", str(tmp_path / "out.onnx")])
+    assert result.exit_code == 2
+    assert not (tmp_path / "out.onnx").exists()
