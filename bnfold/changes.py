@@ -61,7 +61,9 @@ def census(model: onnx.ModelProto, seen: list[Seen]) -> ModelStats:
     as snapshot `seen` of it shows it."""
     ops = Counter(s.op for s in seen)
     parameters = sum(s.parameters for s in seen)
-    parameters += sum(math.prod(t.dims) for g in graphs(model.graph) for t in g.initializer)
+    for g in graphs(model.graph):
+        parameters += sum(math.prod(t.dims) for t in g.initializer)
+        parameters += sum(math.prod(s.values.dims) for s in g.sparse_initializer)  # stored values
     return ModelStats(nodes=len(seen), parameters=parameters, ops=dict(sorted(ops.items())))
 
 

@@ -57,7 +57,8 @@ def load(path: str | os.PathLike, *, load_external_data: bool = False, check: bo
                        f"(bnfold supports 1..{onnx.defs.onnx_opset_version()})")
     # `tensors` yields the main graph's initializers first (protobuf's Python wrappers have no
     # stable identity to tell them by)
-    main_initializers, external_main, external_elsewhere = len(model.graph.initializer), False, False
+    main_initializers = len(model.graph.initializer)
+    external_main = external_elsewhere = False
     for i, t in enumerate(tensors(model)):
         if is_external(t):
             _check_external(path, base_dir, t)

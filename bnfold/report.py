@@ -172,7 +172,7 @@ def _json_number(value):
 @dataclass
 class ModelStats:
     nodes: int
-    parameters: int  # number of elements in initializers and Constant nodes
+    parameters: int  # elements in initializers (of a sparse one: its values) and Constant nodes
     ops: dict[str, int] = field(default_factory=dict)  # nodes by op type ("domain.op" if not ONNX's)
     size: int | None = None  # bytes of the model file and its data files, when it is a file
 

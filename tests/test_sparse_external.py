@@ -114,3 +114,13 @@ def test_a_sparse_location_outside_the_models_folder_is_bad_input(tmp_path):
     result = CliRunner().invoke(main, ["fold", path, "-o", str(tmp_path / "out.onnx")])
     assert result.exit_code == 2
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_the_report_counts_a_sparse_initializers_stored_values_as_parameters(tmp_path):
+    from bnfold.fold import fold
+
+    path = sparse_model(tmp_path / "in")
+    _, report = fold(load(path), base_dir=str(tmp_path / "in"))
+    dense = 4 * 3 * 3 * 3 + 4 * 4  # W, and the BN's four parameters
+    assert report.before.parameters == dense + len(SPARSE)
+    assert report.after.parameters == 4 * 3 * 3 * 3 + 4 + len(SPARSE)  # W', and its new bias
