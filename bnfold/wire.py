@@ -24,7 +24,8 @@ GRAPH, INITIALIZER, RAW_DATA = 7, 5, 9  # field numbers: ModelProto.graph,
 
 def tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     """Every tensor stored in the model: initializers (a sparse one's values and indices too)
-    and attributes, subgraphs and functions. The main graph's (dense) initializers come first."""
+    and attributes, subgraphs, training_info graphs and functions. The main graph's (dense)
+    initializers come first."""
 
     def in_sparse(sparse: onnx.SparseTensorProto) -> Iterator[onnx.TensorProto]:
         if sparse.HasField("values"):
@@ -55,6 +56,9 @@ def tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
         yield from in_nodes(g.node)
 
     yield from in_graph(model.graph)
+    for info in model.training_info:
+        yield from in_graph(info.initialization)
+        yield from in_graph(info.algorithm)
     for f in model.functions:
         yield from in_nodes(f.node)
 

@@ -1,7 +1,9 @@
-"""Sparse initializers whose values are in an external data file: onnx and onnxruntime accept
-them, so bnfold must read, check, fold and write such a model like any other (the data file
-found next to the model, whatever the working directory; its bytes carried into the output's
-data file; a location outside the model's folder refused)."""
+"""Tensors in external data outside the main graph's dense initializers: a sparse initializer's
+values (onnx and onnxruntime accept them) and a training_info graph's tensors (onnxruntime
+ignores them, so the check cannot see them). bnfold must read, check, fold and write such a
+model like any other: the data file found next to the model, whatever the working directory;
+its bytes carried into the output's data file; a location outside the model's folder
+refused."""
 
 from __future__ import annotations
 
@@ -124,3 +126,27 @@ def test_the_report_counts_a_sparse_initializers_stored_values_as_parameters(tmp
     dense = 4 * 3 * 3 * 3 + 4 * 4  # W, and the BN's four parameters
     assert report.before.parameters == dense + len(SPARSE)
     assert report.after.parameters == 4 * 3 * 3 * 3 + 4 + len(SPARSE)  # W', and its new bias
+
+
+def test_a_training_info_tensor_in_external_data_is_carried_into_the_output(tmp_path):
+    path = sparse_model(tmp_path / "in")
+    model = onnx.load(path, load_external_data=False)
+    lr = numpy_helper.from_array(np.linspace(0, 1, 500, dtype=np.float32), "lr")
+    lr.ClearField("raw_data")
+    lr.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "lr.bin"), ("offset", "0"), ("length", "2000")):
+        lr.external_data.add(key=key, value=value)
+    (tmp_path / "in" / "lr.bin").write_bytes(np.linspace(0, 1, 500, dtype=np.float32).tobytes())
+    info = model.training_info.add()
+    info.initialization.CopyFrom(helper.make_graph(
+        [helper.make_node("Constant", [], ["rate"], value=lr)], "init", [],
+        [helper.make_tensor_value_info("rate", TensorProto.FLOAT, [500])]))
+    onnx.save(model, path)
+    (tmp_path / "out").mkdir()
+    out = tmp_path / "out" / "model.onnx"
+    result = CliRunner().invoke(main, ["fold", path, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    written = onnx.load(str(out), load_external_data=False)
+    tensor = written.training_info[0].initialization.node[0].attribute[0].t
+    np.testing.assert_array_equal(numpy_helper.to_array(tensor, str(out.parent)),
+                                  np.linspace(0, 1, 500, dtype=np.float32))
