@@ -397,7 +397,9 @@ def _session(model: onnx.ModelProto, outputs: list[str], batch_mode: list[_Targe
             fed.append(t.name)
         else:
             g.initializer.append(t)
+    g.sparse_initializer.extend(s for s in graph.sparse_initializer if s.values.name in used)
     initialized = {t.name for t in graph.initializer}
+    initialized |= {s.values.name for s in graph.sparse_initializer}
     g.input.extend(i for i in graph.input if i.name in used and i.name not in initialized)
     g.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
     ort = ort_module()

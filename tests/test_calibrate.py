@@ -196,6 +196,29 @@ def test_one_pass_statistics_are_wrong_on_chained_bns():
     assert_statistics(result, reference)
 
 
+def test_a_sparse_initializer_on_the_way_to_a_bn_goes_into_its_pass():
+    """x + S (S a sparse initializer, which onnxruntime densifies) feeds the first Conv: each
+    pass's model needs S as the original has it (it used to be left out: onnxruntime refused
+    the pass's model)."""
+    model, data = chained_cnn(), cnn_data()
+    values = numpy_helper.from_array(np.linspace(-3, 3, 50, dtype=np.float32), "S")
+    indices = numpy_helper.from_array(np.arange(0, 250, 5, dtype=np.int64), "S_indices")
+    model.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [4, 9, 7]))
+    conv1 = next(n for n in model.graph.node if n.name == "conv1")
+    conv1.input[0] = "x_plus_s"
+    model.graph.node.insert(0, helper.make_node("Add", ["x", "S"], ["x_plus_s"], name="add_s"))
+    onnx.checker.check_model(model)
+    dense = _clone(model)  # the reference: onnx's evaluator reads no sparse initializer
+    dense_s = np.zeros(4 * 9 * 7, np.float32)
+    dense_s[np.arange(0, 250, 5)] = np.linspace(-3, 3, 50, dtype=np.float32)
+    del dense.graph.sparse_initializer[:]
+    dense.graph.initializer.append(numpy_helper.from_array(dense_s.reshape(4, 9, 7), "S"))
+    result, report = bnfold.calibrate(model, data)
+    assert len(report.calibrated) == 3
+    assert_statistics(result, reference_statistics(dense, data))
+    only_statistics_changed(model, result)
+
+
 def test_rank3_dense_outputs_through_the_transpose_pair():
     """insert puts [batch, seq, features] Dense outputs between Transposes; the statistics are
     per feature, over batch and sequence, as Keras's BatchNormalization(axis=-1) has them."""
