@@ -63,6 +63,7 @@ def all_names(model: onnx.ModelProto) -> set[str]:
 
     def visit(g: onnx.GraphProto) -> None:
         names.update(t.name for t in g.initializer)
+        names.update(t.values.name for t in g.sparse_initializer)
         names.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
         for node in g.node:
             names.add(node.name)

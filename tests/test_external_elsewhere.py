@@ -3,7 +3,7 @@ values (onnx and onnxruntime accept them) and a training_info graph's tensors (o
 ignores them, so the check cannot see them). bnfold must read, check, fold and write such a
 model like any other: the data file found next to the model, whatever the working directory;
 its bytes carried into the output's data file; a location outside the model's folder
-refused."""
+refused. And no new tensor may take a name a sparse initializer has."""
 
 from __future__ import annotations
 
@@ -150,3 +150,29 @@ def test_a_training_info_tensor_in_external_data_is_carried_into_the_output(tmp_
     tensor = written.training_info[0].initialization.node[0].attribute[0].t
     np.testing.assert_array_equal(numpy_helper.to_array(tensor, str(out.parent)),
                                   np.linspace(0, 1, 500, dtype=np.float32))
+
+
+def test_a_new_tensor_is_not_named_like_an_unused_sparse_initializer():
+    """The fold's new bias for a Conv without one is named conv/bias unless that name is taken,
+    by a sparse initializer too (the same name twice is an invalid model)."""
+    from bnfold.fold import fold
+
+    rng = np.random.default_rng(0)
+    params = trained_bn_params(4, rng)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "W")]
+    inits += [numpy_helper.from_array(v.astype(np.float32), f"bn.{k}") for k, v in params.items()]
+    unused = helper.make_sparse_tensor(numpy_helper.from_array(np.ones(2, np.float32), "conv/bias"),
+                                       numpy_helper.from_array(np.array([0, 3]), "at"), [4])
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+         helper.make_node("BatchNormalization", ["c", "bn.scale", "bn.bias", "bn.mean",
+                                                 "bn.var"], ["y"], name="bn")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])], inits,
+        sparse_initializer=[unused])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    folded, report = fold(model)
+    assert [d.action for d in report.decisions] == ["folded"]
+    onnx.checker.check_model(folded)  # names unique across initializers and sparse ones
+    assert "conv/bias" not in {t.name for t in folded.graph.initializer}
