@@ -121,6 +121,27 @@ def test_widening_casts_constants_and_fixed_float_inputs():
     np.testing.assert_allclose(wide["y"], run(model, feeds)["y"], rtol=1e-6)
 
 
+def test_widening_widens_sparse_initializers_and_sparse_constants():
+    # float32 sparse values beside float64 tensors would leave no float64 reference at all
+    values = numpy_helper.from_array(np.array([0.5, -1.25, 3.0], np.float32), "S")
+    indices = numpy_helper.from_array(np.array([0, 2, 3]), "S_indices")
+    constant = helper.make_sparse_tensor(numpy_helper.from_array(np.array([2.0], np.float32), "c"),
+                                         numpy_helper.from_array(np.array([1])), [4])
+    nodes = [helper.make_node("Add", ["x", "S"], ["a"]),
+             helper.make_node("Constant", [], ["k"], sparse_value=constant),
+             helper.make_node("Mul", ["a", "k"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", F, [2, 4])],
+                              [helper.make_tensor_value_info("y", F, [2, 4])],
+                              sparse_initializer=[helper.make_sparse_tensor(values, indices, [4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    feeds = {"x": np.arange(8, dtype=np.float32).reshape(2, 4) / 3}
+    wide, _ = _float64_outputs(model, feeds)
+    assert wide["y"].dtype == np.float64
+    expected = (feeds["x"].astype(np.float64) + [0.5, 0, -1.25, 3.0]) * [0, 2, 0, 0]
+    np.testing.assert_array_equal(wide["y"], expected)
+
+
 # --- the criterion ------------------------------------------------------------------------------
 
 def _bn_params(rng, c, mean_scale, var_range, prefix):

@@ -99,7 +99,7 @@ class _Widener:
     def graph(self, g: onnx.GraphProto, top: bool = False) -> onnx.GraphProto:
         new = onnx.GraphProto()
         new.name, new.doc_string = g.name, g.doc_string
-        new.sparse_initializer.extend(g.sparse_initializer)
+        new.sparse_initializer.extend(map(self.sparse, g.sparse_initializer))
         self.widening: list[onnx.NodeProto] = []  # Casts of narrow placeholders, first
         if top:
             fed = {vi.name for vi in g.input}  # an initializer a caller may override
@@ -144,6 +144,15 @@ class _Widener:
             header.external_data.add(key=key, value=text)
         return header
 
+    def sparse(self, t: onnx.SparseTensorProto) -> onnx.SparseTensorProto:
+        """A sparse tensor with its values widened (exactly): its indices as they are."""
+        if t.values.data_type not in NARROW:
+            return t
+        wide = onnx.SparseTensorProto()
+        wide.CopyFrom(t)
+        wide.values.CopyFrom(self.tensor(t.values))
+        return wide
+
     # -- nodes -------------------------------------------------------------------------------
 
     def node(self, node: onnx.NodeProto) -> None:
@@ -176,6 +185,8 @@ class _Widener:
                 a2.i = DOUBLE
             elif a.type == onnx.AttributeProto.TENSOR and a.t.data_type in NARROW:
                 a2.t.CopyFrom(self.tensor(a.t))
+            elif a.type == onnx.AttributeProto.SPARSE_TENSOR:
+                a2.sparse_tensor.CopyFrom(self.sparse(a.sparse_tensor))
             elif a.type == onnx.AttributeProto.GRAPH:
                 a2.g.CopyFrom(self.graph(a.g))
             elif a.type == onnx.AttributeProto.GRAPHS:
