@@ -396,6 +396,8 @@ class GraphView:
         self.scope.initializers = {t.name: t for t in graph.initializer}
         self.inputs = {i.name for i in graph.input}
         self.scope.defined = self.inputs | set(self.scope.initializers)
+        # sparse initializers: bnfold reads none as a constant, but they shadow outer names
+        self.scope.defined.update(t.values.name for t in graph.sparse_initializer)
         if not self.legacy_inputs and not allow_initializer_inputs:
             self.scope.overridable = self.inputs & set(self.scope.initializers)
         self.producer: dict[str, onnx.NodeProto] = {}

@@ -3,7 +3,8 @@ values (onnx and onnxruntime accept them) and a training_info graph's tensors (o
 ignores them, so the check cannot see them). bnfold must read, check, fold and write such a
 model like any other: the data file found next to the model, whatever the working directory;
 its bytes carried into the output's data file; a location outside the model's folder
-refused. And no new tensor may take a name a sparse initializer has."""
+refused. And a sparse initializer's name is taken: no new tensor gets it, and in a
+subgraph it shadows the outer value of that name."""
 
 from __future__ import annotations
 
@@ -176,3 +177,44 @@ def test_a_new_tensor_is_not_named_like_an_unused_sparse_initializer():
     assert [d.action for d in report.decisions] == ["folded"]
     onnx.checker.check_model(folded)  # names unique across initializers and sparse ones
     assert "conv/bias" not in {t.name for t in folded.graph.initializer}
+
+
+def test_a_subgraphs_sparse_initializer_shadows_the_outer_value_of_its_name():
+    """Inside the branch, bn.scale is the branch's own sparse initializer: the BN there must not
+    be folded with the main graph's bn.scale (bnfold reads no sparse tensor: it keeps the BN)."""
+    from bnfold.fold import fold
+
+    rng = np.random.default_rng(0)
+    params = trained_bn_params(4, rng)
+    main_inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "W")]
+    main_inits += [numpy_helper.from_array(v.astype(np.float32), f"bn.{k}")
+                   for k, v in params.items()]
+    own_scale = helper.make_sparse_tensor(
+        numpy_helper.from_array(np.array([5.0], np.float32), "bn.scale"),
+        numpy_helper.from_array(np.array([2])), [4])
+    branch = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+         helper.make_node("BatchNormalization", ["c", "bn.scale", "bn.bias", "bn.mean",
+                                                 "bn.var"], ["b_out"], name="bn")], "then",
+        [], [helper.make_tensor_value_info("b_out", TensorProto.FLOAT, [1, 4, 4, 4])],
+        sparse_initializer=[own_scale])
+    other = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["o_out"], name="conv_else")], "else", [],
+        [helper.make_tensor_value_info("o_out", TensorProto.FLOAT, [1, 4, 4, 4])])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["flag"], ["y"], name="if", then_branch=branch,
+                          else_branch=other)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6]),
+         helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4, 4])], main_inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    feeds = {"x": rng.normal(size=(1, 3, 6, 6)).astype(np.float32), "flag": np.array(True)}
+    expected = ort.InferenceSession(model.SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    folded, report = fold(model)
+    assert [d.action for d in report.decisions] == ["kept"]
+    assert "not constant" in report.decisions[0].reason
+    got = ort.InferenceSession(folded.SerializeToString(),
+                               providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_array_equal(got, expected)
