@@ -116,24 +116,24 @@ def test_tensor_data_longer_than_its_shape_is_bad_input(tmp_path, size):
                            f"[{size}] needs {4 * size}")
 
 
-def test_large_weights_are_checked_without_running_the_checker_on_them(tmp_path, monkeypatch):
+def load_recording_the_checked(tmp_path, monkeypatch, size: int):
+    """Load a chain model of `size`-element weights; (the model, what onnx.checker was given)."""
     checked = []
     monkeypatch.setattr(onnx.checker, "check_model",
                         lambda model, full_check=False: checked.append(model))
     path = tmp_path / "model.onnx"
-    onnx.save(add_chain_model(size=4096), str(path))
-    load(path)
+    onnx.save(add_chain_model(size=size), str(path))
+    return load(path), checked
+
+
+def test_large_weights_are_checked_without_running_the_checker_on_them(tmp_path, monkeypatch):
+    _, checked = load_recording_the_checked(tmp_path, monkeypatch, 4096)
     (shell,) = checked
     assert all(list(t.dims) in ([0], [1]) or t.ByteSize() < 2048 for t in shell.graph.initializer)
 
 
 def test_a_model_whose_weights_are_all_small_is_checked_itself_not_a_copy(tmp_path, monkeypatch):
-    checked = []
-    monkeypatch.setattr(onnx.checker, "check_model",
-                        lambda model, full_check=False: checked.append(model))
-    path = tmp_path / "model.onnx"
-    onnx.save(add_chain_model(size=8), str(path))
-    model = load(path)
+    model, checked = load_recording_the_checked(tmp_path, monkeypatch, 8)
     assert len(checked) == 1 and checked[0] is model
 
 
