@@ -218,3 +218,30 @@ def test_a_subgraphs_sparse_initializer_shadows_the_outer_value_of_its_name():
     got = ort.InferenceSession(folded.SerializeToString(),
                                providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     np.testing.assert_array_equal(got, expected)
+
+
+def test_in_place_without_the_check_keeps_sparse_values_sharing_the_weights_data_file(
+        tmp_path, monkeypatch):
+    """W and the sparse values in one data file: an in-place fold rewrites that file, and must
+    carry the sparse values over (they used to be dropped from it, with --no-verify nothing
+    noticed, and the model could no longer be loaded: its data lost)."""
+    path = sparse_model(tmp_path / "in", location="model.onnx.data")
+    model = onnx.load(path, load_external_data=False)
+    weight = model.graph.initializer[0]  # W, moved into the same file after the sparse values
+    data = tmp_path / "in" / "model.onnx.data"
+    offset = data.stat().st_size
+    with open(data, "ab") as f:
+        f.write(weight.raw_data)
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "model.onnx.data"), ("offset", str(offset)),
+                       ("length", str(4 * 4 * 3 * 3 * 3))):
+        weight.external_data.add(key=key, value=value)
+    onnx.save(model, path)
+    expected = sparse_output(path)
+    monkeypatch.chdir(tmp_path / "in")  # (a reader looking in the working directory finds it)
+    result = CliRunner().invoke(main, ["fold", path, "--in-place", "--no-verify"])
+    assert result.exit_code == 0, result.output
+    assert [n.op_type for n in onnx.load(path, load_external_data=False).graph.node] == \
+        ["Conv", "Identity"]
+    np.testing.assert_array_equal(sparse_output(path), expected)
