@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
-from onnx.external_data_helper import load_external_data_for_model
+from onnx.external_data_helper import load_external_data_for_model, load_external_data_for_tensor
 
 from bnfold.errors import BadInput, one_line
 from bnfold.graph import is_external
@@ -72,6 +72,11 @@ def load(path: str | os.PathLike, *, load_external_data: bool = False, check: bo
         _check(model, path, sizes, external_main, external_elsewhere)
     if load_external_data:
         load_external_data_for_model(model, base_dir)
+        for t in tensors(model):  # those onnx does not walk: sparse, training_info, functions
+            if is_external(t):
+                load_external_data_for_tensor(t, base_dir)
+                t.data_location = onnx.TensorProto.DEFAULT
+                del t.external_data[:]
     return model
 
 

@@ -245,3 +245,19 @@ def test_in_place_without_the_check_keeps_sparse_values_sharing_the_weights_data
     assert [n.op_type for n in onnx.load(path, load_external_data=False).graph.node] == \
         ["Conv", "Identity"]
     np.testing.assert_array_equal(sparse_output(path), expected)
+
+
+def test_load_external_data_reads_the_sparse_values_too(tmp_path):
+    """onnx's load_external_data_for_model skips sparse tensors: load(load_external_data=True)
+    must leave no tensor on disk, so that the model saves anywhere without a base_dir."""
+    import bnfold
+    from bnfold.wire import tensors
+
+    path = sparse_model(tmp_path / "in")
+    model = load(path, load_external_data=True)
+    assert not [t.name for t in tensors(model) if t.data_location == TensorProto.EXTERNAL]
+    out = tmp_path / "out.onnx"
+    bnfold.save(model, out)
+    expected = np.zeros(600, np.float32)
+    expected[::2] = SPARSE
+    np.testing.assert_array_equal(sparse_output(out), expected)
