@@ -24,14 +24,13 @@ from typing import Any
 
 import onnx
 from onnx import helper
-from onnx.external_data_helper import load_external_data_for_model
 
 from bnfold.affine import training_reason
 from bnfold.errors import BadInput, one_line
 from bnfold.fold import to_inference_mode
-from bnfold.graph import (FLOAT_TYPES, NameAllocator, default_opset, infer_shapes, is_external,
-                          remove_where)
+from bnfold.graph import FLOAT_TYPES, NameAllocator, default_opset, infer_shapes, remove_where
 from bnfold.nodes import attr, display_name
+from bnfold.wire import read_external_data
 
 TRAINER_IR_VERSION = 10  # the newest IR onnxruntime-training 1.19 reads
 TRAINER_OPSET = 21  # the newest opset it runs
@@ -161,8 +160,7 @@ def training_plan(model: onnx.ModelProto, *, loss: str, logits: str | None = Non
     report = ArtifactsReport(loss=loss)
     kept = {o.name for o in base.graph.output}
     report.dropped_outputs = [o.name for o in model.graph.output if o.name not in kept]
-    if any(is_external(t) for t in base.graph.initializer):
-        load_external_data_for_model(base, base_dir or "")
+    read_external_data(base, base_dir or "")
     for node in base.graph.node:
         if node.op_type == "BatchNormalization" and training_reason(node, default_opset(base)):
             raise BadInput(f"{display_name(node)}: in training mode, and a node reads its "

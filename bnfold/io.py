@@ -19,14 +19,13 @@ import numpy as np
 import onnx
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
-from onnx.external_data_helper import load_external_data_for_model, load_external_data_for_tensor
 
 from bnfold.errors import BadInput, one_line
 from bnfold.graph import is_external
 from bnfold.serialize import EXTERNAL_THRESHOLD
 from bnfold.wire import (GRAPH, INITIALIZER, PROTOBUF_LIMIT, RAW_DATA, copy_fields, external,
-                         is_plain_name, length_delimited, locations, nbytes, tensors, varint,
-                         without_initializers)
+                         is_plain_name, length_delimited, locations, nbytes, read_external_data,
+                         tensors, varint, without_initializers)
 
 
 def load(path: str | os.PathLike, *, load_external_data: bool = False, check: bool = True,
@@ -71,12 +70,7 @@ def load(path: str | os.PathLike, *, load_external_data: bool = False, check: bo
             progress("checking")
         _check(model, path, sizes, external_main, external_elsewhere)
     if load_external_data:
-        load_external_data_for_model(model, base_dir)
-        for t in tensors(model):  # those onnx does not walk: sparse, training_info, functions
-            if is_external(t):
-                load_external_data_for_tensor(t, base_dir)
-                t.data_location = onnx.TensorProto.DEFAULT
-                del t.external_data[:]
+        read_external_data(model, base_dir)
     return model
 
 

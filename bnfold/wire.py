@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import onnx
 from google.protobuf.message import Message
+from onnx.external_data_helper import load_external_data_for_tensor
 
 from bnfold.errors import BadInput
 from bnfold.graph import is_external
@@ -61,6 +62,16 @@ def tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
         yield from in_graph(info.algorithm)
     for f in model.functions:
         yield from in_nodes(f.node)
+
+
+def read_external_data(model: onnx.ModelProto, base_dir: str | os.PathLike) -> None:
+    """Read every external tensor's data into the model (onnx's load_external_data_for_model
+    does not walk sparse tensors or training_info graphs)."""
+    for t in tensors(model):
+        if is_external(t):
+            load_external_data_for_tensor(t, os.fspath(base_dir))
+            t.data_location = onnx.TensorProto.DEFAULT
+            del t.external_data[:]
 
 
 @dataclass(frozen=True)

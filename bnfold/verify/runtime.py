@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto
 
 from bnfold.errors import BadInput
-from bnfold.wire import tensors
+from bnfold.wire import read_external_data, tensors
 
 Model = onnx.ModelProto | str | os.PathLike
 
@@ -206,7 +206,7 @@ def _session_from_proto(model: onnx.ModelProto, base_dir: str | os.PathLike | No
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         if external:
-            onnx.load_external_data_for_model(copy, os.fspath(base_dir))
+            read_external_data(copy, base_dir)
         path = os.path.join(tmp, "model.onnx")
         onnx.save(copy, path, save_as_external_data=True, location="model.onnx.data")
         del copy
