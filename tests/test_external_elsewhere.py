@@ -275,3 +275,16 @@ def test_the_check_of_a_model_too_large_for_one_protobuf_reads_the_sparse_values
     model = onnx.load(path, load_external_data=False)
     report = verify(path, model, base_dir=str(tmp_path / "in"))
     assert report.passed and all(o.max_abs == 0.0 for o in report.outputs)
+
+
+def test_in_place_leaves_a_data_file_in_a_subfolder_and_writes_its_own_beside_the_model(tmp_path):
+    """A data file in a subfolder may be another model's too: an in-place fold does not rewrite
+    it, and writes the model's data to <model>.data instead (as --help and the README say)."""
+    path = sparse_model(tmp_path / "in", location="data/sparse.bin")
+    sub_before = digest(tmp_path / "in" / "data")
+    expected = sparse_output(path)
+    result = CliRunner().invoke(main, ["fold", path, "--in-place"])
+    assert result.exit_code == 0, result.output
+    assert digest(tmp_path / "in" / "data") == sub_before
+    assert sorted(os.listdir(tmp_path / "in")) == ["data", "model.onnx", "model.onnx.data"]
+    np.testing.assert_array_equal(sparse_output(path), expected)

@@ -9,7 +9,8 @@ from contextlib import ExitStack
 import click
 
 from bnfold.calibrate import METHODS, calibrate
-from bnfold.cli.common import Command, Paths, RunInfo, emit, load_job, note_written
+from bnfold.cli.common import (Command, Paths, RunInfo, emit, in_place_option, load_job,
+                               note_written)
 from bnfold.commit import staged
 from bnfold.errors import BadInput
 
@@ -21,7 +22,7 @@ from bnfold.errors import BadInput
                    "= samples; or a folder of such .npz files and .npy files (for a model with "
                    "one input), read in name order, .npy memory-mapped.")
 @click.option("-o", "--output", metavar="OUTPUT", help="Where to write the calibrated model.")
-@click.option("--in-place", is_flag=True, help="Overwrite INPUT (and its data file, keeping its name).")
+@in_place_option
 @click.option("--only", multiple=True, metavar="NAME",
               help="Calibrate only this BatchNormalization (node name or glob; repeatable) "
                    "[default: all].")

@@ -106,6 +106,13 @@ def _signals_stop() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+# --in-place, as fold, insert and calibrate give it
+in_place_option = click.option(
+    "--in-place", is_flag=True,
+    help="Overwrite INPUT (and its data file, keeping its name when it lies beside INPUT; one "
+         "in a subfolder is left as it is, and INPUT gets INPUT.data).")
+
+
 def verify_options(command: Callable) -> Callable:
     """The options of the equivalence check, shared by `fold` and `verify`."""
     options = [

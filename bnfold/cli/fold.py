@@ -12,9 +12,9 @@ import click
 import onnx
 
 from bnfold.cli.batch import model_files, plan_outputs, run_batch
-from bnfold.cli.common import (EXIT_STRICT, Command, RunInfo, emit, load_job, model_size,
-                               note_written, parse_dims, report_failed, verify_options,
-                               written_size)
+from bnfold.cli.common import (EXIT_STRICT, Command, RunInfo, emit, in_place_option, load_job,
+                               model_size, note_written, parse_dims, report_failed,
+                               verify_options, written_size)
 from bnfold.commit import staged
 from bnfold.errors import BadInput
 from bnfold.fold import fold, to_inference_mode, upgrade
@@ -33,7 +33,7 @@ from bnfold.verify.runtime import session_ahead
                    "its own file name (OUT is created; its parent must exist).")
 @click.option("--jobs", type=int, default=1, show_default=True, metavar="N",
               help="Several models: fold them in N worker processes.")
-@click.option("--in-place", is_flag=True, help="Overwrite INPUT (and its data file, keeping its name).")
+@in_place_option
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime equivalence check.")
 @verify_options
 @click.option("--force", is_flag=True, help="Write the output even if verification fails.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import onnx
 
-from bnfold.cli.common import Command, RunInfo, emit, load_job, note_written
+from bnfold.cli.common import Command, RunInfo, emit, in_place_option, load_job, note_written
 from bnfold.commit import staged
 from bnfold.errors import BadInput, one_line
 from bnfold.insert import PRESETS, insert
@@ -14,7 +14,7 @@ from bnfold.insert import PRESETS, insert
 @click.command("insert", cls=Command)
 @click.argument("input_path", metavar="INPUT")
 @click.option("-o", "--output", metavar="OUTPUT", help="Where to write the model.")
-@click.option("--in-place", is_flag=True, help="Overwrite INPUT (and its data file, keeping its name).")
+@in_place_option
 @click.option("--after", multiple=True, metavar="NAME",
               help="A layer name, a glob, or '#N': the N-th layer in graph order, as `bnfold "
                    "inspect` lists and numbers them (repeatable).")
