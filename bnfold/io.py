@@ -187,7 +187,7 @@ def _check(model: onnx.ModelProto, path: str, sizes: list[int], external_main: b
             shell = model
     try:
         onnx.checker.check_model(shell, full_check=False)
-    except onnx.checker.ValidationError as err:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
         first = (str(err).strip().splitlines() or ["rejected by onnx.checker"])[0]
         raise BadInput(f"{path}: invalid model: {first}") from None
 

@@ -24,14 +24,16 @@ GRAPH, INITIALIZER, RAW_DATA = 7, 5, 9  # field numbers: ModelProto.graph,
 
 
 def tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor stored in the model: initializers (a sparse one's values and indices too)
-    and attributes, subgraphs, training_info graphs and functions. The main graph's (dense)
-    initializers come first."""
+    """Every tensor stored in the model: initializers (a sparse one's values, and its indices
+    when they are external) and attributes, subgraphs, training_info graphs and functions. The
+    main graph's (dense) initializers come first."""
 
     def in_sparse(sparse: onnx.SparseTensorProto) -> Iterator[onnx.TensorProto]:
         if sparse.HasField("values"):
             yield sparse.values
-        if sparse.HasField("indices"):
+        # indices only when on disk, so that a save never moves them there: onnx.checker
+        # cannot read a sparse tensor's indices from a data file
+        if sparse.HasField("indices") and is_external(sparse.indices):
             yield sparse.indices
 
     def in_nodes(nodes) -> Iterator[onnx.TensorProto]:

@@ -288,3 +288,33 @@ def test_in_place_leaves_a_data_file_in_a_subfolder_and_writes_its_own_beside_th
     assert digest(tmp_path / "in" / "data") == sub_before
     assert sorted(os.listdir(tmp_path / "in")) == ["data", "model.onnx", "model.onnx.data"]
     np.testing.assert_array_equal(sparse_output(path), expected)
+
+
+def test_a_written_model_keeps_sparse_indices_in_itself_and_loads_again(tmp_path):
+    """onnx.checker cannot read a sparse tensor's indices from a data file: bnfold's output
+    keeps them in the model (they used to be moved to the data file with the other tensors
+    over 1 KB, and bnfold then refused its own output)."""
+    path = sparse_model(tmp_path / "in")  # 300 int64 indices: 2.4 KB
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["fold", path, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    written = load(out)  # with onnx.checker, by path
+    assert written.graph.sparse_initializer[0].indices.data_location == TensorProto.DEFAULT
+
+
+def test_sparse_indices_in_a_data_file_are_bad_input_in_one_line(tmp_path):
+    path = sparse_model(tmp_path / "in")
+    model = onnx.load(path, load_external_data=False)
+    indices = model.graph.sparse_initializer[0].indices
+    with open(tmp_path / "in" / "indices.bin", "wb") as f:
+        f.write(indices.raw_data)
+    length = len(indices.raw_data)
+    indices.ClearField("raw_data")
+    indices.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "indices.bin"), ("offset", "0"), ("length", str(length))):
+        indices.external_data.add(key=key, value=value)
+    onnx.save(model, path)
+    result = CliRunner().invoke(main, ["inspect", path])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert "invalid model" in result.output
