@@ -26,6 +26,18 @@ from builders import trained_bn_params
 SPARSE = np.arange(1, 301, dtype=np.float32) / 7  # the sparse initializer's 300 values
 
 
+def move_to_file(t: onnx.TensorProto, data_file, location: str) -> None:
+    """Append `t`'s raw bytes to `data_file` and make `t` read them there, as `location`."""
+    offset = os.path.getsize(data_file) if os.path.exists(data_file) else 0
+    length = len(t.raw_data)
+    with open(data_file, "ab") as f:
+        f.write(t.raw_data)
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        t.external_data.add(key=key, value=value)
+
+
 def sparse_model(directory, location: str = "sparse.bin"):
     """Conv -> BN -> y, and s = Identity(S), S a sparse [600] initializer whose values are in
     the file `location` (relative to `directory`, where the model is written)."""
@@ -33,10 +45,11 @@ def sparse_model(directory, location: str = "sparse.bin"):
     params = trained_bn_params(4, rng)
     inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "W")]
     inits += [numpy_helper.from_array(v.astype(np.float32), f"bn.{k}") for k, v in params.items()]
-    values = onnx.TensorProto(name="S", data_type=TensorProto.FLOAT, dims=[300],
-                              data_location=TensorProto.EXTERNAL)
-    for key, value in (("location", location), ("offset", "0"), ("length", str(SPARSE.nbytes))):
-        values.external_data.add(key=key, value=value)
+    os.makedirs(directory, exist_ok=True)
+    data = os.path.normpath(os.path.join(directory, location))
+    os.makedirs(os.path.dirname(data), exist_ok=True)
+    values = numpy_helper.from_array(SPARSE, "S")
+    move_to_file(values, data, location)
     indices = numpy_helper.from_array(np.arange(0, 600, 2, dtype=np.int64), "S_indices")
     nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
              helper.make_node("BatchNormalization", ["c", "bn.scale", "bn.bias", "bn.mean",
@@ -49,11 +62,6 @@ def sparse_model(directory, location: str = "sparse.bin"):
         sparse_initializer=[helper.make_sparse_tensor(values, indices, [600])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    os.makedirs(directory, exist_ok=True)
-    data = os.path.normpath(os.path.join(directory, location))
-    os.makedirs(os.path.dirname(data), exist_ok=True)
-    with open(data, "wb") as f:
-        f.write(SPARSE.tobytes())
     path = os.path.join(directory, "model.onnx")
     onnx.save(model, path)
     if not location.startswith(".."):
@@ -133,11 +141,7 @@ def test_a_training_info_tensor_in_external_data_is_carried_into_the_output(tmp_
     path = sparse_model(tmp_path / "in")
     model = onnx.load(path, load_external_data=False)
     lr = numpy_helper.from_array(np.linspace(0, 1, 500, dtype=np.float32), "lr")
-    lr.ClearField("raw_data")
-    lr.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", "lr.bin"), ("offset", "0"), ("length", "2000")):
-        lr.external_data.add(key=key, value=value)
-    (tmp_path / "in" / "lr.bin").write_bytes(np.linspace(0, 1, 500, dtype=np.float32).tobytes())
+    move_to_file(lr, tmp_path / "in" / "lr.bin", "lr.bin")
     info = model.training_info.add()
     info.initialization.CopyFrom(helper.make_graph(
         [helper.make_node("Constant", [], ["rate"], value=lr)], "init", [],
@@ -228,15 +232,7 @@ def test_in_place_without_the_check_keeps_sparse_values_sharing_the_weights_data
     path = sparse_model(tmp_path / "in", location="model.onnx.data")
     model = onnx.load(path, load_external_data=False)
     weight = model.graph.initializer[0]  # W, moved into the same file after the sparse values
-    data = tmp_path / "in" / "model.onnx.data"
-    offset = data.stat().st_size
-    with open(data, "ab") as f:
-        f.write(weight.raw_data)
-    weight.ClearField("raw_data")
-    weight.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", "model.onnx.data"), ("offset", str(offset)),
-                       ("length", str(4 * 4 * 3 * 3 * 3))):
-        weight.external_data.add(key=key, value=value)
+    move_to_file(weight, tmp_path / "in" / "model.onnx.data", "model.onnx.data")
     onnx.save(model, path)
     expected = sparse_output(path)
     monkeypatch.chdir(tmp_path / "in")  # (a reader looking in the working directory finds it)
@@ -305,14 +301,8 @@ def test_a_written_model_keeps_sparse_indices_in_itself_and_loads_again(tmp_path
 def test_sparse_indices_in_a_data_file_are_bad_input_in_one_line(tmp_path):
     path = sparse_model(tmp_path / "in")
     model = onnx.load(path, load_external_data=False)
-    indices = model.graph.sparse_initializer[0].indices
-    with open(tmp_path / "in" / "indices.bin", "wb") as f:
-        f.write(indices.raw_data)
-    length = len(indices.raw_data)
-    indices.ClearField("raw_data")
-    indices.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", "indices.bin"), ("offset", "0"), ("length", str(length))):
-        indices.external_data.add(key=key, value=value)
+    move_to_file(model.graph.sparse_initializer[0].indices, tmp_path / "in" / "indices.bin",
+                 "indices.bin")
     onnx.save(model, path)
     result = CliRunner().invoke(main, ["inspect", path])
     assert result.exit_code == 2
